@@ -1,0 +1,109 @@
+"""Offline throughput (issue 10 workloads W1, W4, W6): yaie_jax vs HF transformers continuous batching.
+
+    python scripts/bench_throughput.py --workload W1 --backend yaie
+    python scripts/bench_throughput.py --workload W1 --backend hf
+    python scripts/bench_throughput.py --workload W4 --backend yaie   # prefix cache on and off
+
+Random weights, bf16, EOS ignored. Prints a table; writes JSON (device, JAX version, date, config) and a PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+import bench_common as bc  # noqa: E402
+
+
+def model_dir_for(workload: str, root: str) -> str:
+    if workload == "W6":
+        return bc.smollm2_shape_dir(os.path.join(root, "smollm2_shape"))
+    return bc.gpt2_124m_dir(os.path.join(root, "gpt2_124m"))
+
+
+def run_yaie(model_dir: str, prompts, max_new, args, enable_prefix_caching: bool = True) -> dict:
+    from yaie_jax import LLM, SamplingParams
+    t0 = time.perf_counter()
+    llm = LLM(model_dir, dtype="bfloat16", max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+              attention_backend=args.attention_backend, num_decode_steps=args.num_decode_steps,
+              max_model_len=args.max_model_len, warmup=not args.no_warmup,
+              gpu_memory_utilization=args.gpu_memory_utilization)
+    startup_s = time.perf_counter() - t0
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_new]
+    # Warm-up pass on a slice of the workload (compiles whatever warm-up did not), then the timed pass.
+    llm.generate(prompts[:16], params[:16], use_tqdm=False)
+    llm.engine.block_manager.reset_prefix_cache()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=True)
+    elapsed = time.perf_counter() - t0
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    ttfts = [o.metrics["first_token_time"] - o.metrics["arrival_time"] for o in outs]
+    stats = llm.get_stats()
+    return {"elapsed_s": elapsed, "output_tokens": n_out, "output_tok_s": n_out / elapsed,
+            "mean_ttft_s": sum(ttfts) / len(ttfts), "startup_s": startup_s,
+            "prefix_cache_hit_tokens": stats.get("prefix_cache_hit_tokens"),
+            "num_preemptions": stats.get("num_preemptions")}
+
+
+def run_hf(model_dir: str, prompts, max_new, args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.generation import GenerationConfig
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                 attn_implementation=args.hf_attn).cuda().eval()
+    gen = GenerationConfig(max_new_tokens=max(max_new), do_sample=False, eos_token_id=None, pad_token_id=0,
+                           use_cuda_graph=True)
+    if len(set(max_new)) != 1:
+        print("note: HF generate_batch takes one max_new_tokens; using the max of the workload", file=sys.stderr)
+    # warm-up (compile / graph capture)
+    model.generate_batch(prompts[:16], generation_config=gen, progress_bar=False)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    res = model.generate_batch(prompts, generation_config=gen, progress_bar=True)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    n_out = sum(len(r.generated_tokens) for r in res.values())
+    return {"elapsed_s": elapsed, "output_tokens": n_out, "output_tok_s": n_out / elapsed}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", default="W1", choices=["W1", "W4", "W6"])
+    ap.add_argument("--backend", default="yaie", choices=["yaie", "hf"])
+    ap.add_argument("--model-root", default=os.path.expanduser("~/.cache/yaie_bench"))
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--num-decode-steps", type=int, default=8)
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--hf-attn", default="sdpa_paged")
+    args = ap.parse_args()
+
+    prompts, max_new = bc.workload(args.workload)
+    if args.num_prompts:
+        prompts, max_new = prompts[:args.num_prompts], max_new[:args.num_prompts]
+    model_dir = model_dir_for(args.workload, args.model_root)
+    rows = []
+    if args.backend == "hf":
+        rows.append({"backend": "hf", **run_hf(model_dir, prompts, max_new, args)})
+    elif args.workload == "W4":
+        for on in (True, False):
+            rows.append({"backend": f"yaie prefix_cache={'on' if on else 'off'}",
+                         **run_yaie(model_dir, prompts, max_new, args, enable_prefix_caching=on)})
+    else:
+        rows.append({"backend": "yaie", **run_yaie(model_dir, prompts, max_new, args)})
+    bc.print_table(rows, ["backend", "output_tok_s", "elapsed_s", "output_tokens", "mean_ttft_s", "startup_s"])
+    record = {"workload": args.workload, "config": vars(args), "env": bc.environment(), "results": rows}
+    path = bc.write_result(args.out, f"throughput_{args.workload}_{args.backend}", record)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

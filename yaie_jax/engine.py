@@ -1,0 +1,371 @@
+"""LLMEngine (add / step / abort) and LLM (the offline, vLLM-shaped API).
+
+One `step()`: the scheduler picks the batch (plain Python), the runner executes it on the device and brings
+back only the sampled ids, and the engine appends tokens, detokenizes where someone reads text, applies stop
+conditions and frees finished sequences' memory (their computed blocks go to the prefix cache).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Dict, Iterable, List, Optional, Sequence as Seq, Union
+
+import numpy as np
+
+from . import sampling
+from .cache import BlockManager
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer, decode_token
+from .outputs import CompletionOutput, Logprob, RequestOutput
+from .runner import ModelRunner
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerOutput
+from .sequence import Request, Sequence, SeqStatus
+
+logger = logging.getLogger("yaie_jax.engine")
+
+PromptType = Union[str, List[int]]
+
+
+def setup_compile_cache(cache_dir: Optional[str]) -> None:
+    """Turn on JAX's persistent compilation cache, so restarts skip XLA compiles."""
+    if not cache_dir:
+        return
+    import jax
+    try:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    except Exception as e:  # pragma: no cover - depends on the jax build
+        logger.warning("persistent compilation cache not enabled: %s", e)
+
+
+def resolve_model_source(model: Optional[str]) -> str:
+    if model:
+        return model
+    from .models.default_model import default_model_path
+    return str(default_model_path())
+
+
+class LLMEngine:
+    """Synchronous engine; not thread-safe (the server steps it from one thread)."""
+
+    def __init__(self, config: Optional[EngineConfig] = None, **engine_args):
+        if config is None:
+            unknown = set(engine_args) - EngineConfig.field_names()
+            if unknown:
+                raise ValueError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
+            config = EngineConfig(**engine_args)
+        elif engine_args:
+            raise ValueError("pass either an EngineConfig or engine arguments, not both")
+        self.config = config
+        setup_compile_cache(config.compile_cache_dir)
+
+        from .models.loader import load_model
+        from .tokenizer import load_tokenizer
+        source = resolve_model_source(config.model)
+        self.model_source = source
+        self.model = load_model(source, dtype=config.dtype)
+        self.tokenizer = load_tokenizer(config.tokenizer or source)
+        self.model_config = self.model.config
+        max_pos = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > max_pos:
+            raise ValueError(f"invalid engine argument max_model_len={config.max_model_len}: "
+                             f"the model supports at most {max_pos} positions")
+        self.max_model_len = config.max_model_len or max_pos
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"invalid engine argument max_num_batched_tokens={config.max_num_batched_tokens}: "
+                             f"must be >= max_model_len ({self.max_model_len}) when chunked prefill is off")
+        if config.tensor_parallel_size > 1:
+            from .parallel import make_tp_placement
+            placement = make_tp_placement(self.model, config.tensor_parallel_size)
+        else:
+            placement = {}
+        self.runner = ModelRunner(self.model, config, self.max_model_len, num_gpu_blocks=config.num_gpu_blocks,
+                                  **placement)
+        self.block_manager = BlockManager(self.runner.num_gpu_blocks, config.block_size, config.num_cpu_blocks,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
+        self.eos_token_ids = self._eos_ids()
+        self.vocab_size = self.model_config.vocab_size
+        self._request_counter = itertools.count()
+        self._step_counter = 0
+        self.served_model_name = config.served_model_name or (config.model or "default")
+        if config.warmup:
+            self.warmup()
+
+    def _eos_ids(self) -> List[int]:
+        ids = set()
+        for v in (getattr(self.tokenizer, "eos_token_id", None), self.model_config.eos_token_id):
+            if isinstance(v, int):
+                ids.add(v)
+            elif isinstance(v, (list, tuple)):
+                ids.update(int(x) for x in v)
+        return sorted(ids)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: Optional[str], prompt: PromptType, params: Optional[SamplingParams] = None, *,
+                    prompt_token_ids: Optional[List[int]] = None, priority: int = 0, client_id: Optional[str] = None,
+                    queue_timeout_s: Optional[float] = None, timeout_s: Optional[float] = None,
+                    arrival_time: Optional[float] = None, stream: bool = True) -> str:
+        """Queue a request. Raises ValueError (nothing queued) for an empty or over-long prompt or bad ids.
+
+        `stream=False` means nobody reads partial outputs: text is decoded once at the end (cheaper), and
+        `step()` returns this request only when it finishes.
+        """
+        params = params or SamplingParams()
+        if request_id is None:
+            request_id = f"req-{next(self._request_counter)}"
+        if prompt_token_ids is None:
+            if isinstance(prompt, str):
+                prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=self._add_special_tokens())
+                text = prompt
+            else:
+                prompt_token_ids = list(prompt)
+                text = None
+        else:
+            text = prompt if isinstance(prompt, str) else None
+        prompt_token_ids = [int(t) for t in prompt_token_ids]
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        n_prompt = len(prompt_token_ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n_prompt
+        if n_prompt + max_tokens > self.max_model_len or max_tokens < 1:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{n_prompt + max(max_tokens, 1)} tokens ({n_prompt} in the prompt, {max(max_tokens, 1)} for the "
+                f"completion). Please reduce the prompt or max_tokens (context length exceeded).")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+        for t in params.stop_token_ids:
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
+        req = Request(request_id, text, prompt_token_ids, params, priority=priority, client_id=client_id,
+                      arrival_time=arrival_time, queue_timeout_s=queue_timeout_s, timeout_s=timeout_s,
+                      max_tokens=max_tokens)
+        req.stream = stream
+        self.scheduler.add_request(req)
+        return request_id
+
+    def _add_special_tokens(self) -> bool:
+        return True
+
+    def abort_request(self, request_id: Union[str, Iterable[str]]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            req = self.scheduler.abort_request(rid)
+            if req is not None:
+                self.scheduler.pop_finished(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> List[RequestOutput]:
+        out = self.scheduler.schedule()
+        finished_now: Dict[str, Request] = {r.request_id: r for r in out.timed_out}
+        touched: Dict[str, Request] = {}
+        if out.scheduled:
+            t0 = time.perf_counter()
+            rows = out.scheduled
+            sbatch, flags = sampling.build_sampling_batch(
+                [(s.seq, s.seq.request.params) for s in rows], pad_to=self.runner.padded_num_seqs(out),
+                eos_token_ids=self.eos_token_ids, engine_seed=self.config.seed, vocab_size=self.vocab_size)
+            result = self.runner.execute(out, sbatch, flags)
+            self._step_counter += 1
+            self.scheduler.commit_step(out)
+            step_ms = (time.perf_counter() - t0) * 1e3
+            self.scheduler.record_step_time(step_ms, len(rows) if out.is_decode_only else 0)
+            now = time.monotonic()
+            for i, s in enumerate(rows):
+                seq = s.seq
+                req = seq.request
+                if not s.sample or seq.status is not SeqStatus.RUNNING:
+                    continue
+                token = int(result.token_ids[i])
+                self._append_token(seq, token, result, i)
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                if seq.num_output_tokens == 1 and self.config.enable_prefix_caching:
+                    # the prompt is computed: share it with requests admitted from now on
+                    self.block_manager.cache_sequence(seq.seq_id, seq.token_ids[:seq.num_computed_tokens])
+                self._check_stop(seq)
+                if req.finished:
+                    finished_now[req.request_id] = req
+                elif req.stream:
+                    touched[req.request_id] = req
+        outputs = [self._make_output(r) for r in touched.values() if r.request_id not in finished_now]
+        for req in finished_now.values():
+            outputs.append(self._make_output(req))
+            self.scheduler.pop_finished(req)
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, result, row: int) -> None:
+        seq.token_ids.append(token)
+        seq.rng_counter += 1
+        if seq.logprobs is not None:
+            lp = float(result.sampled_logprob[row])
+            seq.cumulative_logprob += lp
+            entry = {token: Logprob(lp, rank=int(result.sampled_rank[row]) if result.sampled_rank is not None else None,
+                                    decoded_token=decode_token(self.tokenizer, token))}
+            k = seq.request.params.logprobs
+            for j in range(k):
+                tid = int(result.top_ids[row, j])
+                if tid not in entry:
+                    entry[tid] = Logprob(float(result.top_logprobs[row, j]), rank=j + 1,
+                                         decoded_token=decode_token(self.tokenizer, tid))
+            seq.logprobs.append(entry)
+        if seq.detokenizer is None and (seq.request.stream or seq.request.params.stop):
+            p = seq.request.params
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, seq.token_ids[:seq.num_prompt_tokens], skip_special_tokens=p.skip_special_tokens,
+                stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
+            seq.detok_fed = 0
+
+    def _check_stop(self, seq: Sequence) -> None:
+        p = seq.request.params
+        token = seq.token_ids[-1]
+        n_out = seq.num_output_tokens
+        is_stop_token = (token in p.stop_token_ids) or (not p.ignore_eos and token in self.eos_token_ids)
+        if is_stop_token and n_out >= p.min_tokens:
+            seq.text_excludes_last = True          # the stop token itself is not part of the text
+            self._feed_detok(seq, exclude_last=True)
+            self.scheduler.finish_seq(seq, "stop", stop_reason=token if token in p.stop_token_ids else None)
+            return
+        self._feed_detok(seq)
+        det = seq.detokenizer
+        if det is not None and det.stopped and n_out >= p.min_tokens:
+            self.scheduler.finish_seq(seq, "stop", stop_reason=det.stop_reason)
+            return
+        if n_out >= seq.request.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            self.scheduler.finish_seq(seq, "length")
+
+    def _feed_detok(self, seq: Sequence, exclude_last: bool = False) -> None:
+        det = seq.detokenizer
+        if det is None:
+            return
+        end = len(seq.token_ids) - (1 if exclude_last else 0)
+        start = seq.num_prompt_tokens + seq.detok_fed
+        if end > start:
+            det.add_tokens(seq.token_ids[start:end])
+            seq.detok_fed = end - seq.num_prompt_tokens
+
+    def _final_text(self, seq: Sequence) -> str:
+        """Text of a sequence; decodes now if nobody needed it incrementally."""
+        if seq.detokenizer is None:
+            p = seq.request.params
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, seq.token_ids[:seq.num_prompt_tokens], skip_special_tokens=p.skip_special_tokens,
+                stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
+            seq.detok_fed = 0
+            self._feed_detok(seq, exclude_last=getattr(seq, "text_excludes_last", False))
+        if seq.is_finished() and not getattr(seq, "detok_flushed", False):
+            seq.detokenizer.flush()
+            seq.detok_flushed = True
+        return seq.detokenizer.text
+
+    def _make_output(self, req: Request) -> RequestOutput:
+        outs = []
+        for seq in sorted(req.seqs, key=lambda s: s.index):
+            if seq.is_finished():
+                text = self._final_text(seq)
+            elif req.stream and seq.detokenizer is not None:
+                text = seq.detokenizer.released_text
+            else:
+                text = ""
+            outs.append(CompletionOutput(
+                index=seq.index, text=text,
+                token_ids=list(seq.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        metrics = {"arrival_time": req.arrival_time, "first_scheduled_time": req.first_scheduled_time,
+                   "first_token_time": req.first_token_time, "finished_time": req.finished_time}
+        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+                             outputs=outs, finished=req.finished, num_cached_tokens=req.seqs[0].num_cached_tokens,
+                             metrics=metrics)
+
+    # ------------------------------------------------------------------ stats / warm-up
+    def get_stats(self) -> dict:
+        stats = dict(self.block_manager.get_stats())
+        stats.update(self.scheduler.get_stats())
+        stats["kv_blocks_total"] = self.runner.num_gpu_blocks
+        stats.setdefault("kv_blocks_free", self.block_manager.num_free_gpu_blocks
+                         + self.block_manager.num_evictable_gpu_blocks)
+        stats["kv_cache_usage"] = 1.0 - stats["kv_blocks_free"] / max(1, stats["kv_blocks_total"])
+        stats["num_steps"] = self._step_counter
+        return stats
+
+    def warmup(self) -> None:
+        self.runner.warmup()
+
+
+class LLM:
+    """Offline generation, vLLM-shaped: `LLM(model, **engine_args).generate(prompts, sampling_params)`."""
+
+    def __init__(self, model: Optional[str] = None, **engine_args):
+        self.engine = LLMEngine(model=model, **engine_args)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def get_stats(self) -> dict:
+        return self.engine.get_stats()
+
+    def generate(self, prompts: Union[PromptType, Seq[PromptType]],
+                 sampling_params: Union[None, SamplingParams, Seq[SamplingParams]] = None, *,
+                 use_tqdm: bool = True, priority: Optional[Seq[int]] = None) -> List[RequestOutput]:
+        """Generate for every prompt (strings, token-id lists, or a mix); outputs come back in input order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts")
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+        ids = []
+        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+            rid = f"offline-{id(self)}-{next(self.engine._request_counter)}"
+            self.engine.add_request(rid, prompt, params, priority=priority[i] if priority else 0, stream=False)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages, sampling_params: Union[None, SamplingParams, Seq[SamplingParams]] = None, *,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> List[RequestOutput]:
+        """Apply the tokenizer's chat template to one conversation (a list of {role, content}) or a list of them."""
+        from .tokenizer import apply_chat_template
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [apply_chat_template(self.engine.tokenizer, c, add_generation_prompt=add_generation_prompt)
+                   for c in convs]
+        token_prompts = [self.engine.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        outs = self.generate(token_prompts, sampling_params, use_tqdm=use_tqdm)
+        for o, p in zip(outs, prompts):
+            o.prompt = p
+        return outs
+
+    def _run(self, ids: List[str], use_tqdm: bool) -> List[RequestOutput]:
+        from tqdm.auto import tqdm
+        results: Dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm)
+        pending = set(ids)
+        try:
+            while pending:
+                if not self.engine.has_unfinished_requests():
+                    break
+                for out in self.engine.step():
+                    if out.finished and out.request_id in pending:
+                        results[out.request_id] = out
+                        pending.discard(out.request_id)
+                        bar.update(1)
+        finally:
+            bar.close()
+        return [results[i] for i in ids]

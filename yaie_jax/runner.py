@@ -1,0 +1,273 @@
+"""ModelRunner: scheduler output (host numpy) -> padded device arrays -> one jitted step -> sampled token ids.
+
+The only place that turns host data into device arrays. Owns the device KV pool (one `(k_pages, v_pages)` pair
+per layer, each `[num_kv_heads, num_blocks, block_size, head_dim]`), donated to every step so XLA updates it in
+place, and the host swap pool.
+
+Shapes are padded to buckets so XLA compiles a bounded set of programs:
+  decode step   (every sequence has exactly one new token): S padded to a power of two
+  prefill step  (any mix of prefill chunks and decode tokens): T padded to a power of two, S to a power of 4
+Padding tokens write nowhere (slot -1) and padding sequences have context length 0 (attention outputs zeros).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Dict, List, Optional, Sequence as Seq, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import sampling
+from .attention import make_paged_attention
+from .config import EngineConfig
+from .models.base import CausalLM
+from .scheduler import SchedulerOutput
+
+JNP_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+
+def next_power_of(x: int, base: int, lo: int) -> int:
+    b = lo
+    while b < x:
+        b *= base
+    return b
+
+
+def bucket_list(lo: int, hi: int, base: int) -> List[int]:
+    out, b = [], lo
+    while True:
+        out.append(min(b, hi) if b >= hi else b)
+        if b >= hi:
+            break
+        b *= base
+    return sorted(set(out))
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, config: EngineConfig, max_model_len: int, num_gpu_blocks: int,
+                 mesh=None, param_shardings=None, kv_sharding=None):
+        self.model = model
+        self.config = config
+        self.mc = model.config
+        self.dtype = JNP_DTYPES[config.dtype]
+        self.block_size = config.block_size
+        self.num_gpu_blocks = num_gpu_blocks or 0
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = math.ceil(max_model_len / self.block_size)
+        self.mesh = mesh
+        self.kv_sharding = kv_sharding
+        self.attention_backend = resolve_attention_backend(config.attention_backend)
+
+        # Buckets (see module docstring).
+        self.seq_buckets_decode = bucket_list(1, max(config.max_num_seqs, 1), 2)
+        self.seq_buckets_prefill = bucket_list(4, max(config.max_num_seqs, 4), 4)
+        self.token_buckets = bucket_list(16, max(config.max_num_batched_tokens, 16), 2)
+
+        if param_shardings is not None:
+            self.params = jax.device_put(model.params, param_shardings)
+        else:
+            self.params = jax.device_put(model.params)
+        if not num_gpu_blocks:
+            self.num_gpu_blocks = self.auto_num_blocks()
+        self.kv_caches = self._alloc_kv()
+        self.host_kv: Optional[np.ndarray] = None
+        if config.num_cpu_blocks > 0:
+            # [layers, 2 (k/v), num_kv_heads, num_cpu_blocks, block_size, head_dim] host swap pool
+            self.host_kv = np.zeros((self.mc.num_layers, 2, self.mc.num_kv_heads, config.num_cpu_blocks,
+                                     self.block_size, self.mc.head_dim), dtype=np.dtype(self.dtype))
+        self._rng_seed = config.seed
+        self._step_fn = jax.jit(self._step_impl, donate_argnums=(1,),
+                                static_argnames=("decode", "flags"))
+        self._copy_fn = jax.jit(_copy_blocks, donate_argnums=(0,))
+        self._write_blocks_fn = jax.jit(_write_blocks, donate_argnums=(0,))
+        self._read_blocks_fn = jax.jit(_read_blocks)
+        self.compiled_shapes: set = set()
+
+    # ------------------------------------------------------------------ memory
+    def kv_bytes_per_block(self) -> int:
+        itemsize = jnp.dtype(self.dtype).itemsize
+        return 2 * self.mc.num_layers * self.mc.num_kv_heads * self.block_size * self.mc.head_dim * itemsize
+
+    def auto_num_blocks(self) -> int:
+        """Size the KV pool: on a GPU, `gpu_memory_utilization` of device memory minus what is in use (params)
+        and a reserve for activations; elsewhere enough for max_num_seqs full-length sequences, capped at 2 GiB."""
+        per_seq = self.max_blocks_per_seq
+        useful = self.config.max_num_seqs * per_seq + 1
+        stats = None
+        try:
+            stats = jax.devices()[0].memory_stats()
+        except Exception:
+            stats = None
+        if stats and "bytes_limit" in stats:
+            limit = stats["bytes_limit"] * self.config.gpu_memory_utilization
+            reserve = 2 * 1024 ** 3 // max(1, self.config.tensor_parallel_size)
+            free = limit - stats.get("bytes_in_use", 0) - reserve
+            tp = max(1, self.config.tensor_parallel_size)
+            n = int(free * tp // self.kv_bytes_per_block())
+            return max(per_seq + 1, min(n, useful * 2))
+        cap = (2 * 1024 ** 3) // self.kv_bytes_per_block()
+        return max(per_seq + 1, min(useful, cap))
+
+    def kv_shape(self) -> Tuple[int, int, int, int]:
+        return (self.mc.num_kv_heads, self.num_gpu_blocks, self.block_size, self.mc.head_dim)
+
+    def _alloc_kv(self):
+        shape = self.kv_shape()
+
+        def zeros():
+            if self.kv_sharding is not None:
+                return jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=self.kv_sharding)()
+            return jnp.zeros(shape, self.dtype)
+
+        # [num_kv_heads, num_blocks, block_size, head_dim] per layer, K and V
+        return [(zeros(), zeros()) for _ in range(self.mc.num_layers)]
+
+    # ------------------------------------------------------------------ the step
+    def _step_impl(self, params, kv_caches, batch, sbatch, *, decode: bool, flags):
+        attention = make_paged_attention(
+            self.attention_backend, decode=decode, slot_mapping=batch["slot_mapping"],
+            query_start=batch["query_start"], context_lens=batch["context_lens"],
+            block_tables=batch["block_tables"], mesh=self.mesh)
+        hidden, kv_caches = self.model.apply_hidden(params, batch["input_ids"], batch["positions"],
+                                                    attention, kv_caches)
+        rows = hidden[batch["logits_index"]]                       # [S, hidden]
+        logits = self.model.apply_logits(params, rows)             # [S, vocab] float32
+        result = sampling.sample(logits, sbatch, flags=flags)
+        return result, kv_caches
+
+    def padded_num_seqs(self, out: SchedulerOutput) -> int:
+        if out.is_decode_only:
+            return next_power_of(len(out.scheduled), 2, 1)
+        return next_power_of(len(out.scheduled), 4, 4)
+
+    def prepare_inputs(self, out: SchedulerOutput) -> Tuple[Dict[str, np.ndarray], bool, int]:
+        """Flatten the scheduled sequences into one padded ragged batch (host numpy)."""
+        sched = out.scheduled
+        decode = out.is_decode_only
+        num_seqs = len(sched)
+        num_tokens = sum(s.num_new_tokens for s in sched)
+        S = self.padded_num_seqs(out)
+        T = S if decode else next_power_of(num_tokens, 2, 16)
+        input_ids = np.zeros(T, np.int32)                          # [T]
+        positions = np.zeros(T, np.int32)                          # [T]
+        slot_mapping = np.full(T, -1, np.int32)                    # [T], -1 = write nowhere
+        query_start = np.zeros(S + 1, np.int32)                    # [S+1]
+        context_lens = np.zeros(S, np.int32)                       # [S], 0 = padding row
+        block_tables = np.zeros((S, self.max_blocks_per_seq), np.int32)  # [S, max_blocks]
+        logits_index = np.zeros(S, np.int32)                       # [S]
+        t = 0
+        for i, s in enumerate(sched):
+            seq = s.seq
+            n = s.num_new_tokens
+            start = seq.num_computed_tokens
+            if s.logits_row_of is not None:
+                # fork child: no query tokens; samples from its parent's last token
+                logits_index[i] = logits_index[s.logits_row_of]
+                query_start[i + 1] = t
+                continue
+            input_ids[t:t + n] = seq.token_ids[start:start + n]
+            positions[t:t + n] = np.arange(start, start + n)
+            slot_mapping[t:t + n] = s.slots
+            block_tables[i, :len(s.block_table)] = s.block_table
+            context_lens[i] = start + n
+            t += n
+            query_start[i + 1] = t
+            logits_index[i] = t - 1
+        query_start[num_seqs + 1:] = t
+        batch = dict(input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
+                     query_start=query_start, context_lens=context_lens, block_tables=block_tables,
+                     logits_index=logits_index)
+        return batch, decode, S
+
+    def execute(self, out: SchedulerOutput, sampling_batch, flags) -> sampling.SampleResult:
+        """Run the swaps and copies the scheduler asked for, then the step; returns host sample results."""
+        if out.swap_out:
+            self.swap_out(out.swap_out)
+        if out.swap_in:
+            self.swap_in(out.swap_in)
+        if out.block_copies:
+            self.copy_blocks(out.block_copies)
+        batch, decode, S = self.prepare_inputs(out)
+        result, self.kv_caches = self._step_fn(self.params, self.kv_caches, batch, sampling_batch,
+                                               decode=decode, flags=flags)
+        return jax.device_get(result)
+
+    # ------------------------------------------------------------------ block copies / swap
+    def _pad_pairs(self, pairs: Seq[Tuple[int, int]]) -> Tuple[np.ndarray, np.ndarray]:
+        n = next_power_of(len(pairs), 2, 8)
+        src = np.zeros(n, np.int32)
+        dst = np.full(n, self.num_gpu_blocks, np.int32)  # out of range: dropped by the scatter
+        for i, (a, b) in enumerate(pairs):
+            src[i], dst[i] = a, b
+        return src, dst
+
+    def copy_blocks(self, pairs: Seq[Tuple[int, int]]) -> None:
+        src, dst = self._pad_pairs(pairs)
+        self.kv_caches = self._copy_fn(self.kv_caches, src, dst)
+
+    def swap_out(self, pairs: Seq[Tuple[int, int]]) -> None:
+        assert self.host_kv is not None, "swap_out without a host pool"
+        gpu = np.array([g for g, _ in pairs], np.int32)
+        cpu = np.array([c for _, c in pairs], np.int32)
+        padded = np.zeros(next_power_of(len(gpu), 2, 8), np.int32)
+        padded[:len(gpu)] = gpu
+        data = np.asarray(jax.device_get(self._read_blocks_fn(self.kv_caches, padded)))
+        # data: [layers, 2, num_kv_heads, n_padded, block_size, head_dim]
+        self.host_kv[:, :, :, cpu] = data[:, :, :, :len(gpu)]
+
+    def swap_in(self, pairs: Seq[Tuple[int, int]]) -> None:
+        assert self.host_kv is not None, "swap_in without a host pool"
+        cpu = np.array([c for c, _ in pairs], np.int32)
+        n = next_power_of(len(pairs), 2, 8)
+        dst = np.full(n, self.num_gpu_blocks, np.int32)
+        dst[:len(pairs)] = [g for _, g in pairs]
+        data = np.zeros(self.host_kv.shape[:3] + (n,) + self.host_kv.shape[4:], self.host_kv.dtype)
+        data[:, :, :, :len(pairs)] = self.host_kv[:, :, :, cpu]
+        self.kv_caches = self._write_blocks_fn(self.kv_caches, data, dst)
+
+    # ------------------------------------------------------------------ warm-up
+    def warmup(self) -> None:
+        """Compile every bucket now (behind a progress bar) so no request waits on XLA later. Dummy steps are
+        all padding: slots -1 (nothing written), context 0 (nothing read)."""
+        shapes = [(True, s, s) for s in self.seq_buckets_decode]
+        shapes += [(False, t, s) for t in self.token_buckets for s in self.seq_buckets_prefill if s <= t]
+        for decode, T, S in tqdm(shapes, desc="compiling step buckets", unit="shape"):
+            batch = dict(input_ids=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
+                         slot_mapping=np.full(T, -1, np.int32), query_start=np.zeros(S + 1, np.int32),
+                         context_lens=np.zeros(S, np.int32),
+                         block_tables=np.zeros((S, self.max_blocks_per_seq), np.int32),
+                         logits_index=np.zeros(S, np.int32))
+            sbatch, flags = sampling.build_sampling_batch([], pad_to=S, eos_token_ids=[], engine_seed=0,
+                                                          vocab_size=self.mc.vocab_size)
+            result, self.kv_caches = self._step_fn(self.params, self.kv_caches, batch, sbatch,
+                                                   decode=decode, flags=flags)
+            jax.block_until_ready(result)
+
+
+def _copy_blocks(kv_caches, src, dst):
+    out = []
+    for k, v in kv_caches:
+        out.append((k.at[:, dst].set(k[:, src], mode="drop"), v.at[:, dst].set(v[:, src], mode="drop")))
+    return out
+
+
+def _read_blocks(kv_caches, ids):
+    # -> [layers, 2, num_kv_heads, n, block_size, head_dim]
+    return jnp.stack([jnp.stack([k[:, ids], v[:, ids]]) for k, v in kv_caches])
+
+
+def _write_blocks(kv_caches, data, dst):
+    out = []
+    for i, (k, v) in enumerate(kv_caches):
+        out.append((k.at[:, dst].set(data[i, 0].astype(k.dtype), mode="drop"),
+                    v.at[:, dst].set(data[i, 1].astype(v.dtype), mode="drop")))
+    return out
+
+
+def resolve_attention_backend(name: str) -> str:
+    if name == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return name

@@ -1,0 +1,299 @@
+"""Continuous batching: which sequences run this step, with how many tokens, and who gets preempted.
+
+Plain Python (no JAX). Each `schedule()` call returns a `SchedulerOutput` describing one flattened ragged step:
+running sequences first (decode tokens and unfinished prefill chunks), then swapped-out sequences coming back,
+then new admissions, all within `max_num_batched_tokens` tokens and `max_num_seqs` sequences. KV slots come
+from the `BlockManager`; when it runs out, the least important running sequence (by policy) is preempted:
+swapped to the host pool when it has room and `preemption_mode == "swap"`, otherwise dropped and recomputed
+later (its computed blocks go to the prefix cache first, so the recompute is mostly hits).
+
+Policies order both admission and preemption (most important first / least important preempted first):
+  fcfs      arrival order
+  priority  lower `priority` value first, then arrival
+  latency   shortest remaining work (uncomputed prompt + tokens still to generate) first
+  fair      round-robin across clients: the client with the fewest tokens served so far goes first
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Dict, List, Optional, Tuple
+
+from .cache import BlockManager
+from .config import EngineConfig
+from .sequence import Request, Sequence, SeqStatus
+
+
+@dataclasses.dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int           # query tokens this step (0 for a fork child, which only samples)
+    slots: List[int]              # KV slot of each new token
+    sample: bool                  # a token is sampled for this sequence after the step
+    block_table: List[int] = dataclasses.field(default_factory=list)
+    logits_row_of: Optional[int] = None  # fork child: index (in `scheduled`) of the parent whose last token it samples from
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    scheduled: List[ScheduledSeq]
+    block_copies: List[Tuple[int, int]]      # device block copies (copy-on-write), before the step
+    swap_out: List[Tuple[int, int]]          # (gpu_block, cpu_block), device -> host, executed first
+    swap_in: List[Tuple[int, int]]           # (cpu_block, gpu_block), host -> device, after swap_out
+    timed_out: List[Request]                 # requests finished with "timeout" during scheduling
+    num_batched_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(s.num_new_tokens == 1 for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, max_model_len: int):
+        self.config = config
+        self.bm = block_manager
+        self.max_model_len = max_model_len
+        self.requests: Dict[str, Request] = {}
+        self.waiting: List[Sequence] = []
+        self.running: List[Sequence] = []
+        self.swapped: List[Sequence] = []
+        self.num_preemptions = 0
+        self.client_served_tokens: Dict[str, int] = collections.defaultdict(int)
+        self._arrival_counter = 0
+        self._arrival_order: Dict[str, int] = {}
+        # Adaptive decode batch (target_itl_ms): a cap on running sequences, adjusted from measured step times.
+        self.decode_cap = config.max_num_seqs
+        self._step_time_ema_ms: Optional[float] = None
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self._arrival_order[request.request_id] = self._arrival_counter
+        self._arrival_counter += 1
+        self.waiting.extend(request.seqs)
+
+    def abort_request(self, request_id: str) -> Optional[Request]:
+        """Finish every sequence of the request with "abort" and free its memory. Unknown ids are ignored."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        self._finish_request(req, "abort")
+        return req
+
+    def finish_seq(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        """Mark a sequence finished and release its KV (its computed full blocks go to the prefix cache)."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+            self._release(seq, cache=True)
+        elif seq.status is SeqStatus.SWAPPED:
+            self.swapped.remove(seq)
+            self.bm.free_sequence(seq.seq_id)
+        elif seq.status is SeqStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        req = seq.request
+        if req.finished and req.finished_time is None:
+            req.finished_time = time.monotonic()
+
+    def _finish_request(self, req: Request, reason: str) -> None:
+        req.forked = True  # no children will be made any more
+        for seq in req.seqs:
+            self.finish_seq(seq, reason)
+
+    def pop_finished(self, req: Request) -> None:
+        self.requests.pop(req.request_id, None)
+        self._arrival_order.pop(req.request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def _release(self, seq: Sequence, cache: bool) -> None:
+        if cache and self.config.enable_prefix_caching and seq.num_computed_tokens > 0:
+            self.bm.cache_sequence(seq.seq_id, seq.token_ids[:seq.num_computed_tokens])
+        self.bm.free_sequence(seq.seq_id)
+
+    # ------------------------------------------------------------------ policy
+    def _key(self, seq: Sequence):
+        req = seq.request
+        order = self._arrival_order.get(req.request_id, 0)
+        policy = self.config.scheduling_policy
+        if policy == "priority":
+            return (req.priority, req.arrival_time, order, seq.index)
+        if policy == "latency":
+            return (req.remaining_work_tokens(), req.arrival_time, order, seq.index)
+        if policy == "fair":
+            return (self.client_served_tokens[req.client_id], req.arrival_time, order, seq.index)
+        return (req.arrival_time, order, seq.index)
+
+    def record_step_time(self, step_ms: float, num_decode_seqs: int) -> None:
+        """Adaptive decode batch: shrink the running cap when steps exceed target_itl_ms, grow it back slowly."""
+        target = self.config.target_itl_ms
+        if target is None or num_decode_seqs == 0:
+            return
+        ema = step_ms if self._step_time_ema_ms is None else 0.7 * self._step_time_ema_ms + 0.3 * step_ms
+        self._step_time_ema_ms = ema
+        if ema > target:
+            self.decode_cap = max(1, min(self.decode_cap, num_decode_seqs) * 3 // 4)
+        elif ema < 0.8 * target:
+            self.decode_cap = min(self.config.max_num_seqs, self.decode_cap + 1)
+
+    # ------------------------------------------------------------------ timeouts
+    def _expire(self, now: float) -> List[Request]:
+        expired = []
+        for req in list(self.requests.values()):
+            if req.finished:
+                continue
+            started = req.first_scheduled_time is not None
+            over_total = req.timeout_s is not None and now - req.arrival_time > req.timeout_s
+            over_queue = (not started and req.queue_timeout_s is not None
+                          and now - req.arrival_time > req.queue_timeout_s)
+            if over_total or over_queue:
+                self._finish_request(req, "timeout")
+                expired.append(req)
+        return expired
+
+    # ------------------------------------------------------------------ preemption
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.num_preemptions += 1
+        if (self.config.preemption_mode == "swap" and self.bm.num_cpu_blocks > 0
+                and self.bm.can_swap_out(seq.seq_id)):
+            out.swap_out.extend(self.bm.swap_out(seq.seq_id))
+            seq.status = SeqStatus.SWAPPED
+            self.swapped.append(seq)
+        else:
+            self._release(seq, cache=True)
+            seq.num_computed_tokens = 0
+            seq.status = SeqStatus.WAITING
+            self.waiting.append(seq)
+
+    # ------------------------------------------------------------------ the step
+    def schedule(self) -> SchedulerOutput:
+        now = time.monotonic()
+        out = SchedulerOutput(scheduled=[], block_copies=[], swap_out=[], swap_in=[], timed_out=self._expire(now))
+        budget = self.config.max_num_batched_tokens
+        chunked = self.config.enable_chunked_prefill
+        preempted_any = False
+
+        def schedule_seq(seq: Sequence, n: int) -> None:
+            nonlocal budget
+            slots, copies = self.bm.append_slots(seq.seq_id, n)
+            out.block_copies.extend(copies)
+            sample = seq.num_computed_tokens + n == len(seq.token_ids)
+            out.scheduled.append(ScheduledSeq(seq, n, slots, sample, self.bm.get_block_table(seq.seq_id)))
+            budget -= n
+            self.client_served_tokens[seq.request.client_id] += n
+            if seq.request.first_scheduled_time is None:
+                seq.request.first_scheduled_time = now
+            if sample and not seq.request.forked:
+                self._fork_children(seq, len(out.scheduled) - 1, out)
+
+        # 1) Running sequences, most important first; preempt from the least important end when memory is short.
+        queue = collections.deque(sorted(self.running, key=self._key))
+        while queue:
+            seq = queue.popleft()
+            n = seq.num_uncomputed_tokens
+            if n > budget:
+                if not chunked or budget == 0:
+                    continue
+                n = budget
+            if n == 0:
+                continue
+            while not self.bm.can_append_slots(seq.seq_id, n):
+                preempted_any = True
+                if queue:
+                    self._preempt(queue.pop(), out)
+                else:
+                    self._preempt(seq, out)
+                    break
+            else:
+                schedule_seq(seq, n)
+
+        # 2) Swapped sequences come back when nothing had to be preempted this step.
+        if not preempted_any:
+            for seq in sorted(self.swapped, key=self._key):
+                if budget < 1 or len(self.running) >= self.config.max_num_seqs:
+                    break
+                if not self.bm.can_swap_in(seq.seq_id):
+                    break
+                out.swap_in.extend(self.bm.swap_in(seq.seq_id))
+                self.swapped.remove(seq)
+                seq.status = SeqStatus.RUNNING
+                self.running.append(seq)
+                n = min(seq.num_uncomputed_tokens, budget)
+                if n > 0 and self.bm.can_append_slots(seq.seq_id, n):
+                    schedule_seq(seq, n)
+
+        # 3) New admissions (and recompute-preempted sequences), only when nobody waits in the host pool.
+        if not preempted_any and not self.swapped:
+            cap = min(self.config.max_num_seqs, self.decode_cap)
+            for seq in sorted(self.waiting, key=self._key):
+                need_seqs = 1 if seq.request.forked else seq.request.params.n
+                if budget <= 0 or len(self.running) + need_seqs > cap:
+                    break
+                n_total = seq.num_uncomputed_tokens  # before prefix matching
+                if not chunked and n_total > budget:
+                    break
+                cached = self.bm.add_sequence(seq.seq_id, seq.token_ids)
+                seq.num_computed_tokens = cached
+                if seq.index == 0 and seq.num_output_tokens == 0:
+                    seq.num_cached_tokens = cached
+                n = seq.num_uncomputed_tokens
+                if n > budget:
+                    n = budget if chunked else 0
+                if n <= 0 or not self.bm.can_append_slots(seq.seq_id, n):
+                    self.bm.free_sequence(seq.seq_id)
+                    seq.num_computed_tokens = 0
+                    break
+                self.waiting.remove(seq)
+                seq.status = SeqStatus.RUNNING
+                self.running.append(seq)
+                schedule_seq(seq, n)
+
+        out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        return out
+
+    def _fork_children(self, parent: Sequence, parent_row: int, out: SchedulerOutput) -> None:
+        """At the step that completes the prompt of an n > 1 request: make n-1 sequences sharing its blocks.
+
+        Children start with the parent's (pre-step) state and sample from the parent's last-token logits.
+        """
+        req = parent.request
+        req.forked = True
+        n_after = parent.num_computed_tokens + out.scheduled[parent_row].num_new_tokens
+        for k in range(1, req.params.n):
+            child = Sequence(req, k, parent.token_ids)
+            child.num_cached_tokens = parent.num_cached_tokens
+            self.bm.fork(parent.seq_id, child.seq_id)
+            child.num_computed_tokens = n_after
+            child.status = SeqStatus.RUNNING
+            req.seqs.append(child)
+            self.running.append(child)
+            out.scheduled.append(ScheduledSeq(child, 0, [], True, logits_row_of=parent_row))
+            # (a child's block table is its parent's; the runner needs none for a row without query tokens)
+
+    def commit_step(self, out: SchedulerOutput) -> None:
+        """After the device ran the step: advance computed-token counts (fork children were set at fork time)."""
+        for s in out.scheduled:
+            if s.logits_row_of is None:
+                s.seq.num_computed_tokens += s.num_new_tokens
+
+    def get_stats(self) -> dict:
+        return {
+            "num_preemptions": self.num_preemptions,
+            "num_running": len(self.running),
+            "num_waiting": len(self.waiting),
+            "num_swapped": len(self.swapped),
+            "decode_cap": self.decode_cap,
+        }
