@@ -268,6 +268,9 @@ def _write_blocks(kv_caches, data, dst):
 
 
 def resolve_attention_backend(name: str) -> str:
+    """"auto": the Pallas kernels on a GPU where they are built for it, else the XLA path."""
     if name == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
+        import pallas_kernels
+        gpu_ok = getattr(pallas_kernels, "GPU_KERNELS_VALIDATED", False)
+        return "pallas" if jax.default_backend() == "gpu" and gpu_ok else "xla"
     return name
