@@ -102,7 +102,14 @@ class IncrementalDetokenizer:
         return delta
 
     def flush(self) -> str:
-        """Release everything decoded so far (the sequence ended for a reason other than a stop string)."""
+        """The sequence ended for a reason other than a stop string: decode whatever the window still holds
+        (an incomplete character at the very end stays as U+FFFD, as a full decode shows it) and release all."""
+        if not self.stopped and self._read_offset < len(self._tokens):
+            prefix = self._decode(self._tokens[self._prefix_offset:self._read_offset])
+            full = self._decode(self._tokens[self._prefix_offset:])
+            if len(full) > len(prefix):
+                self.text += full[len(prefix):]
+            self._prefix_offset = self._read_offset = len(self._tokens)
         delta = self.text[self.released:]
         self.released = len(self.text)
         return delta

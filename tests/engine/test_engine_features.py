@@ -1,0 +1,201 @@
+"""Engine features beyond plain greedy: sampling, stops, n > 1, logprobs, deadlines, abort, policies."""
+import time
+
+import numpy as np
+import pytest
+
+import support
+from yaie_jax import LLM, SamplingParams
+from yaie_jax.engine import LLMEngine
+
+BASE = dict(dtype="float32", attention_backend="xla", warmup=False, compile_cache_dir=None)
+
+
+@pytest.fixture(scope="module")
+def llm(gpt2_dir):
+    return LLM(gpt2_dir, **BASE)
+
+
+def rand_prompt(rng, n=None):
+    return rng.integers(1, 384, size=int(n or rng.integers(4, 30))).tolist()
+
+
+def test_seeded_sampling_reproducible_and_batch_independent(llm):
+    rng = np.random.default_rng()
+    target = rand_prompt(rng, 12)
+    sp = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = llm.generate([target], sp, use_tqdm=False)[0].outputs[0].token_ids
+    others = [rand_prompt(rng) for _ in range(5)]
+    mixed = llm.generate(others[:2] + [target] + others[2:],
+                         [SamplingParams(temperature=1.0, max_tokens=8)] * 2 + [sp]
+                         + [SamplingParams(temperature=0.5, max_tokens=20)] * 3, use_tqdm=False)
+    assert mixed[2].outputs[0].token_ids == alone
+    other_seed = llm.generate([target], SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=99,
+                                                       max_tokens=16, ignore_eos=True), use_tqdm=False)
+    assert other_seed[0].outputs[0].token_ids != alone
+
+
+def test_sampled_tokens_respect_top_k(llm, gpt2_dir):
+    rng = np.random.default_rng()
+    prompt = rand_prompt(rng, 8)
+    logits = support.hf_logits(gpt2_dir, prompt)[-1]
+    allowed = set(np.argsort(-logits)[:3].tolist())
+    outs = llm.generate([prompt] * 12, SamplingParams(temperature=1.5, top_k=3, max_tokens=1), use_tqdm=False)
+    firsts = {o.outputs[0].token_ids[0] for o in outs}
+    assert firsts <= allowed and len(firsts) > 1
+
+
+def test_logprobs_match_hf_log_softmax(llm, gpt2_dir):
+    import torch
+    rng = np.random.default_rng()
+    prompt = rand_prompt(rng, 10)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, logprobs=5, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    ids = prompt + out.token_ids
+    ref = torch.log_softmax(torch.tensor(support.hf_logits(gpt2_dir, ids)), -1).numpy()
+    for j, (tok, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        row = ref[len(prompt) - 1 + j]
+        assert abs(entry[tok].logprob - row[tok]) < 1e-4
+        top = np.argsort(-row)[:5]
+        for r, t in enumerate(top):
+            assert int(t) in entry and abs(entry[int(t)].logprob - row[t]) < 1e-4
+        assert entry[tok].rank == 1
+    assert abs(out.cumulative_logprob - sum(e[t].logprob for t, e in zip(out.token_ids, out.logprobs))) < 1e-4
+
+
+def test_max_and_min_tokens_and_stop_token(llm):
+    rng = np.random.default_rng()
+    prompt = rand_prompt(rng, 6)
+    greedy = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+                          use_tqdm=False)[0].outputs[0].token_ids
+    stop_tok = greedy[3]
+    first = greedy.index(stop_tok)
+    o = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_tok]),
+                     use_tqdm=False)[0].outputs[0]
+    assert o.finish_reason == "stop" and o.token_ids == greedy[:first + 1] and o.stop_reason == stop_tok
+    o = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, min_tokens=first + 2,
+                                              stop_token_ids=[stop_tok]), use_tqdm=False)[0].outputs[0]
+    assert len(o.token_ids) >= first + 2 and stop_tok not in o.token_ids[:first + 2]
+    o = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+                     use_tqdm=False)[0].outputs[0]
+    assert o.finish_reason == "length" and len(o.token_ids) == 3
+
+
+def test_stop_string_cut_from_text(llm):
+    tok = llm.get_tokenizer()
+    rng = np.random.default_rng()
+    prompt = rand_prompt(rng, 6)
+    full = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    text = full.text
+    assert len(text) > 6
+    stop = text[3:6]                         # spans token boundaries in general
+    o = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop]),
+                     use_tqdm=False)[0].outputs[0]
+    assert o.finish_reason == "stop" and o.stop_reason == stop
+    assert o.text == text[:text.index(stop)] and stop not in o.text
+    o2 = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop],
+                                               include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+    assert o2.text == text[:text.index(stop) + len(stop)]
+
+
+def test_n_samples_share_prompt_and_differ(llm):
+    rng = np.random.default_rng()
+    out = llm.generate([rand_prompt(rng, 20)], SamplingParams(n=4, temperature=1.0, max_tokens=8, seed=7,
+                                                               ignore_eos=True), use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert all(len(c.token_ids) == 8 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    greedy = llm.generate([out.prompt_token_ids], SamplingParams(n=3, temperature=0, max_tokens=8,
+                                                                  ignore_eos=True), use_tqdm=False)[0]
+    assert len({tuple(c.token_ids) for c in greedy.outputs}) == 1
+
+
+def test_mixed_prompt_types_and_order(llm):
+    tok = llm.get_tokenizer()
+    outs = llm.generate(["Paris is", [5, 6, 7], "The quick brown"], SamplingParams(temperature=0, max_tokens=3),
+                        use_tqdm=False)
+    assert outs[0].prompt_token_ids == tok.encode("Paris is")
+    assert outs[1].prompt_token_ids == [5, 6, 7]
+    assert outs[2].prompt == "The quick brown"
+
+
+def test_streaming_deltas_equal_final_text(gpt2_dir):
+    eng = LLMEngine(model=gpt2_dir, **BASE)
+    rng = np.random.default_rng()
+    eng.add_request("s", rand_prompt(rng, 5), SamplingParams(temperature=0.8, seed=3, max_tokens=25,
+                                                                ignore_eos=True))
+    texts = []
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            texts.append(o.outputs[0].text)
+    assert all(texts[i + 1].startswith(texts[i]) for i in range(len(texts) - 1))
+    full = eng.tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=True)
+    assert texts[-1] == full
+
+
+def test_abort_and_timeouts_free_memory(gpt2_dir):
+    eng = LLMEngine(model=gpt2_dir, max_num_seqs=2, **BASE)
+    rng = np.random.default_rng()
+    sp = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    eng.add_request("a", rand_prompt(rng), sp)
+    eng.add_request("b", rand_prompt(rng), sp, timeout_s=0.0)
+    eng.add_request("c", rand_prompt(rng), sp, queue_timeout_s=0.0)
+    eng.add_request("d", rand_prompt(rng), sp)
+    time.sleep(0.01)
+    finished = {}
+    for _ in range(3):
+        for o in eng.step():
+            if o.finished:
+                finished[o.request_id] = o.outputs[0].finish_reason
+    assert finished.get("b") == "timeout" and finished.get("c") == "timeout"
+    eng.abort_request("a")
+    eng.abort_request("d")
+    assert not eng.has_unfinished_requests()
+    eng.block_manager.reset_prefix_cache()
+    assert eng.block_manager.num_free_gpu_blocks == eng.runner.num_gpu_blocks
+    eng.block_manager.check_invariants()
+
+
+def test_bad_requests_raise_clear_errors(llm):
+    eng = llm.engine
+    with pytest.raises(ValueError, match="context length"):
+        eng.add_request("x", [1] * 250, SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="empty"):
+        eng.add_request("y", [], SamplingParams())
+    with pytest.raises(ValueError, match="token ids"):
+        eng.add_request("z", [10 ** 6], SamplingParams())
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="block_size"):
+        LLM("unused", block_size=7)
+    with pytest.raises(ValueError, match="nonsense_arg"):
+        LLMEngine(model="unused", nonsense_arg=1)
+
+
+def _start_order(gpt2_dir, policy, reqs):
+    """Run with room for one sequence at a time; return request ids in the order they finished."""
+    eng = LLMEngine(model=gpt2_dir, max_num_seqs=1, scheduling_policy=policy, **BASE)
+    for rid, prompt_len, max_tokens, prio, client in reqs:
+        eng.add_request(rid, [3] * prompt_len, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                              ignore_eos=True), priority=prio, client_id=client)
+    order = []
+    while eng.has_unfinished_requests():
+        order += [o.request_id for o in eng.step() if o.finished]
+    return order
+
+
+def test_scheduling_policies_order(gpt2_dir):
+    reqs = [("r0", 5, 6, 2, "A"), ("r1", 5, 2, 0, "A"), ("r2", 5, 4, 1, "A"), ("r3", 5, 3, 0, "B")]
+    assert _start_order(gpt2_dir, "fcfs", reqs) == ["r0", "r1", "r2", "r3"]
+    assert _start_order(gpt2_dir, "priority", reqs) == ["r1", "r3", "r2", "r0"]
+    assert _start_order(gpt2_dir, "latency", reqs) == ["r1", "r3", "r2", "r0"]
+    # fair: client B gets its turn right after A's first request instead of after all of A's
+    assert _start_order(gpt2_dir, "fair", reqs)[:2] == ["r0", "r3"]
+
+
+def test_chat_uses_fallback_template(llm):
+    out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=2),
+                   use_tqdm=False)[0]
+    assert out.prompt == "user: hi\nassistant:"
+    assert len(out.outputs[0].token_ids) == 2
