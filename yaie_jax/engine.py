@@ -105,15 +105,13 @@ class LLMEngine:
         return sorted(ids)
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, request_id: Optional[str], prompt: PromptType, params: Optional[SamplingParams] = None, *,
-                    prompt_token_ids: Optional[List[int]] = None, priority: int = 0, client_id: Optional[str] = None,
-                    queue_timeout_s: Optional[float] = None, timeout_s: Optional[float] = None,
-                    arrival_time: Optional[float] = None, stream: bool = True) -> str:
-        """Queue a request. Raises ValueError (nothing queued) for an empty or over-long prompt or bad ids.
-
-        `stream=False` means nobody reads partial outputs: text is decoded once at the end (cheaper), and
-        `step()` returns this request only when it finishes.
-        """
+    def make_request(self, request_id: Optional[str], prompt: PromptType, params: Optional[SamplingParams] = None,
+                     *, prompt_token_ids: Optional[List[int]] = None, priority: int = 0,
+                     client_id: Optional[str] = None, queue_timeout_s: Optional[float] = None,
+                     timeout_s: Optional[float] = None, arrival_time: Optional[float] = None,
+                     stream: bool = True) -> Request:
+        """Validate and tokenize a request without queueing it (reads engine state only, so the server may call
+        it from its own thread). Raises ValueError for an empty or over-long prompt or out-of-range ids."""
         params = params or SamplingParams()
         if request_id is None:
             request_id = f"req-{next(self._request_counter)}"
@@ -147,8 +145,21 @@ class LLMEngine:
                       arrival_time=arrival_time, queue_timeout_s=queue_timeout_s, timeout_s=timeout_s,
                       max_tokens=max_tokens)
         req.stream = stream
+        return req
+
+    def add_request(self, request_id: Optional[str], prompt: PromptType, params: Optional[SamplingParams] = None,
+                    **kwargs) -> str:
+        """Queue a request (see `make_request` for arguments and errors). Returns its id.
+
+        `stream=False` means nobody reads partial outputs: text is decoded once at the end (cheaper), and
+        `step()` returns this request only when it finishes.
+        """
+        req = self.make_request(request_id, prompt, params, **kwargs)
+        self.add_prepared(req)
+        return req.request_id
+
+    def add_prepared(self, req: Request) -> None:
         self.scheduler.add_request(req)
-        return request_id
 
     def _add_special_tokens(self) -> bool:
         return True
