@@ -191,19 +191,24 @@ class LLMEngine:
             step_ms = (time.perf_counter() - t0) * 1e3
             self.scheduler.record_step_time(step_ms, len(rows) if out.is_decode_only else 0)
             now = time.monotonic()
+            K = out.num_steps
             for i, s in enumerate(rows):
                 seq = s.seq
                 req = seq.request
                 if not s.sample or seq.status is not SeqStatus.RUNNING:
                     continue
-                token = int(result.token_ids[i])
-                self._append_token(seq, token, result, i)
-                if req.first_token_time is None:
-                    req.first_token_time = now
-                if seq.num_output_tokens == 1 and self.config.enable_prefix_caching:
-                    # the prompt is computed: share it with requests admitted from now on
-                    self.block_manager.cache_sequence(seq.seq_id, seq.token_ids[:seq.num_computed_tokens])
-                self._check_stop(seq)
+                for j in range(K):
+                    step_result = result if K == 1 else _StepView(result, j)
+                    token = int(step_result.token_ids[i])
+                    self._append_token(seq, token, step_result, i)
+                    if req.first_token_time is None:
+                        req.first_token_time = now
+                    if seq.num_output_tokens == 1 and self.config.enable_prefix_caching:
+                        # the prompt is computed: share it with requests admitted from now on
+                        self.block_manager.cache_sequence(seq.seq_id, seq.token_ids[:seq.num_computed_tokens])
+                    self._check_stop(seq)
+                    if seq.status is not SeqStatus.RUNNING:
+                        break       # tokens sampled after a stop in a fused multi-step call are dropped
                 if req.finished:
                     finished_now[req.request_id] = req
                 elif req.stream:
@@ -312,6 +317,17 @@ class LLMEngine:
 
     def warmup(self) -> None:
         self.runner.warmup()
+
+
+class _StepView:
+    """Step j of a fused multi-step result (fields stacked on a leading [num_steps] axis)."""
+
+    def __init__(self, result, j: int):
+        self._r, self._j = result, j
+
+    def __getattr__(self, name):
+        v = getattr(self._r, name)
+        return None if v is None else v[self._j]
 
 
 class LLM:

@@ -81,6 +81,8 @@ class ModelRunner:
         self._rng_seed = config.seed
         self._step_fn = jax.jit(self._step_impl, donate_argnums=(1,),
                                 static_argnames=("decode", "flags"))
+        self._multi_step_fn = jax.jit(self._multi_step_impl, donate_argnums=(1,),
+                                      static_argnames=("flags", "num_steps"))
         self._copy_fn = jax.jit(_copy_blocks, donate_argnums=(0,))
         self._write_blocks_fn = jax.jit(_write_blocks, donate_argnums=(0,))
         self._read_blocks_fn = jax.jit(_read_blocks)
@@ -138,6 +140,32 @@ class ModelRunner:
         result = sampling.sample(logits, sbatch, flags=flags)
         return result, kv_caches
 
+    def _multi_step_impl(self, params, kv_caches, batch, sbatch, *, flags, num_steps: int):
+        """`num_steps` decode steps in one device call: each step's sampled tokens are the next step's inputs.
+        batch: input_ids/positions/context_lens [S] for the first step, slots [num_steps, S], block_tables.
+        Returns SampleResult fields stacked on a leading [num_steps] axis."""
+        S = batch["input_ids"].shape[0]
+        live = batch["context_lens"] > 0                                   # padding rows stay inert
+
+        def body(j, carry):
+            kv, tokens, acc = carry
+            attention = make_paged_attention(
+                self.attention_backend, decode=True, slot_mapping=batch["slots"][j],
+                query_start=jnp.arange(S + 1, dtype=jnp.int32),
+                context_lens=jnp.where(live, batch["context_lens"] + j, 0),
+                block_tables=batch["block_tables"], mesh=self.mesh)
+            hidden, kv = self.model.apply_hidden(params, tokens, batch["positions"] + j, attention, kv)
+            logits = self.model.apply_logits(params, hidden)               # [S, vocab] float32
+            res = sampling.sample(logits, sbatch._replace(step=sbatch.step + j), flags=flags)
+            acc = jax.tree_util.tree_map(lambda a, r: a.at[j].set(r), acc, res)
+            return kv, res.token_ids, acc
+
+        proto = jax.eval_shape(lambda: sampling.sample(jnp.zeros((S, self.mc.vocab_size), jnp.float32), sbatch,
+                                                       flags=flags))
+        acc = jax.tree_util.tree_map(lambda x: jnp.zeros((num_steps,) + x.shape, x.dtype), proto)
+        kv, _, acc = jax.lax.fori_loop(0, num_steps, body, (kv_caches, batch["input_ids"], acc))
+        return acc, kv
+
     def padded_num_seqs(self, out: SchedulerOutput) -> int:
         if out.is_decode_only:
             return next_power_of(len(out.scheduled), 2, 1)
@@ -170,7 +198,7 @@ class ModelRunner:
                 continue
             input_ids[t:t + n] = seq.token_ids[start:start + n]
             positions[t:t + n] = np.arange(start, start + n)
-            slot_mapping[t:t + n] = s.slots
+            slot_mapping[t:t + n] = s.slots[:n]
             block_tables[i, :len(s.block_table)] = s.block_table
             context_lens[i] = start + n
             t += n
@@ -191,6 +219,16 @@ class ModelRunner:
         if out.block_copies:
             self.copy_blocks(out.block_copies)
         batch, decode, S = self.prepare_inputs(out)
+        if out.num_steps > 1:
+            K = out.num_steps
+            slots = np.full((K, S), -1, np.int32)                  # [num_steps, S] slot of each step's token
+            for i, sch in enumerate(out.scheduled):
+                slots[:, i] = sch.slots
+            mbatch = dict(input_ids=batch["input_ids"], positions=batch["positions"],
+                          context_lens=batch["context_lens"], block_tables=batch["block_tables"], slots=slots)
+            result, self.kv_caches = self._multi_step_fn(self.params, self.kv_caches, mbatch, sampling_batch,
+                                                         flags=flags, num_steps=K)
+            return jax.device_get(result)
         result, self.kv_caches = self._step_fn(self.params, self.kv_caches, batch, sampling_batch,
                                                decode=decode, flags=flags)
         return jax.device_get(result)

@@ -43,6 +43,7 @@ class SchedulerOutput:
     swap_in: List[Tuple[int, int]]           # (cpu_block, gpu_block), host -> device, after swap_out
     timed_out: List[Request]                 # requests finished with "timeout" during scheduling
     num_batched_tokens: int = 0
+    num_steps: int = 1                       # > 1: a fused multi-step decode (every row decodes num_steps tokens)
 
     @property
     def is_empty(self) -> bool:
@@ -185,6 +186,9 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunked = self.config.enable_chunked_prefill
         preempted_any = False
+        multi = self._try_multi_step(out, now)
+        if multi is not None:
+            return multi
 
         def schedule_seq(seq: Sequence, n: int) -> None:
             nonlocal budget
@@ -264,6 +268,39 @@ class Scheduler:
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         return out
 
+    def _try_multi_step(self, out: SchedulerOutput, now: float) -> Optional[SchedulerOutput]:
+        """Several decode steps in one device call (no host round trip between them), when nothing else waits:
+        every running sequence is decoding, has at least `num_decode_steps` tokens left to generate, and the
+        pool has room for all of them. Otherwise None (the caller schedules a normal step)."""
+        k = self.config.num_decode_steps
+        if (k <= 1 or self.waiting or self.swapped or not self.running
+                or len(self.running) > min(self.config.max_num_seqs, self.decode_cap)):
+            return None
+        for seq in self.running:
+            p = seq.request.params
+            if (seq.num_uncomputed_tokens != 1 or not seq.request.forked
+                    or seq.request.max_tokens - seq.num_output_tokens < k
+                    or len(seq.token_ids) + k > self.max_model_len
+                    or seq.num_output_tokens < p.min_tokens
+                    or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0):
+                return None
+        need = 0
+        for seq in self.running:
+            s = self.bm.seqs[seq.seq_id]
+            need += -(-(s.num_tokens + k) // self.bm.block_size) - len(s.blocks)
+            if s.num_tokens % self.bm.block_size and self.bm.pool.refcount[s.blocks[-1]] > 1:
+                need += 1
+        if need > self.bm.num_free_gpu_blocks + self.bm.num_evictable_gpu_blocks:
+            return None
+        for seq in sorted(self.running, key=self._key):
+            slots, copies = self.bm.append_slots(seq.seq_id, k)
+            out.block_copies.extend(copies)
+            out.scheduled.append(ScheduledSeq(seq, 1, slots, True, self.bm.get_block_table(seq.seq_id)))
+            self.client_served_tokens[seq.request.client_id] += k
+        out.num_steps = k
+        out.num_batched_tokens = len(out.scheduled) * k
+        return out
+
     def _fork_children(self, parent: Sequence, parent_row: int, out: SchedulerOutput) -> None:
         """At the step that completes the prompt of an n > 1 request: make n-1 sequences sharing its blocks.
 
@@ -287,7 +324,7 @@ class Scheduler:
         """After the device ran the step: advance computed-token counts (fork children were set at fork time)."""
         for s in out.scheduled:
             if s.logits_row_of is None:
-                s.seq.num_computed_tokens += s.num_new_tokens
+                s.seq.num_computed_tokens += s.num_new_tokens * out.num_steps
 
     def get_stats(self) -> dict:
         return {

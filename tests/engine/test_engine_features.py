@@ -35,6 +35,20 @@ def test_seeded_sampling_reproducible_and_batch_independent(llm):
     assert other_seed[0].outputs[0].token_ids != alone
 
 
+def test_multi_step_decode_keeps_seeded_samples_and_logprobs(gpt2_dir, llm):
+    rng = np.random.default_rng()
+    prompts = [rand_prompt(rng) for _ in range(3)]
+    sp = SamplingParams(temperature=0.8, seed=11, max_tokens=12, ignore_eos=True, logprobs=2)
+    fused = LLM(gpt2_dir, num_decode_steps=4, **BASE)
+    a = llm.generate(prompts, sp, use_tqdm=False)
+    b = fused.generate(prompts, sp, use_tqdm=False)
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        for ex, ey in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
+            assert set(ex) == set(ey) and all(abs(ex[t].logprob - ey[t].logprob) < 1e-5 for t in ex)
+    assert fused.get_stats()["num_steps"] < llm.get_stats()["num_steps"]
+
+
 def test_sampled_tokens_respect_top_k(llm, gpt2_dir):
     rng = np.random.default_rng()
     prompt = rand_prompt(rng, 8)

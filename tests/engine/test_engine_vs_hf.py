@@ -40,6 +40,7 @@ CASES = {
     "preempt_recompute": dict(num_gpu_blocks=12, preemption_mode="recompute"),
     "preempt_swap": dict(num_gpu_blocks=12, num_cpu_blocks=64, preemption_mode="swap"),
     "no_prefix_cache": dict(enable_prefix_caching=False),
+    "multi_step_decode": dict(num_decode_steps=4),
 }
 
 
