@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--no-warmup", action="store_true")
-    ap.add_argument("--hf-attn", default="sdpa_paged")
+    ap.add_argument("--hf-attn", default="paged|sdpa")
     args = ap.parse_args()
 
     prompts, max_new = bc.workload(args.workload)

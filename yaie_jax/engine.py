@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Dict, Iterable, List, Optional, Sequence as Seq, Union
 
+import jax
 import numpy as np
 
 from . import sampling
@@ -182,9 +183,16 @@ class LLMEngine:
         if out.scheduled:
             t0 = time.perf_counter()
             rows = out.scheduled
-            sbatch, flags = sampling.build_sampling_batch(
-                [(s.seq, s.seq.request.params) for s in rows], pad_to=self.runner.padded_num_seqs(out),
+            pad_to = self.runner.padded_num_seqs(out)
+            per_step = [sampling.build_sampling_batch(
+                [(_Ahead(s.seq, j) if j else s.seq, s.seq.request.params) for s in rows], pad_to=pad_to,
                 eos_token_ids=self.eos_token_ids, engine_seed=self.config.seed, vocab_size=self.vocab_size)
+                for j in range(out.num_steps)]
+            flags = per_step[0][1]
+            if out.num_steps == 1:
+                sbatch = per_step[0][0]
+            else:  # one batch per fused step (keys advance with the token index), stacked
+                sbatch = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[b for b, _ in per_step])
             result = self.runner.execute(out, sbatch, flags)
             self._step_counter += 1
             self.scheduler.commit_step(out)
@@ -317,6 +325,20 @@ class LLMEngine:
 
     def warmup(self) -> None:
         self.runner.warmup()
+
+
+class _Ahead:
+    """A sequence as it will be j tokens from now (for the sampling rows of fused decode step j)."""
+
+    def __init__(self, seq: Sequence, j: int):
+        self._seq, self._j = seq, j
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self._seq.num_output_tokens + self._j
+
+    def __getattr__(self, name):
+        return getattr(self._seq, name)
 
 
 class _StepView:

@@ -62,7 +62,8 @@ class ModelRunner:
         self.attention_backend = resolve_attention_backend(config.attention_backend)
 
         # Buckets (see module docstring).
-        self.seq_buckets_decode = bucket_list(1, max(config.max_num_seqs, 1), 2)
+        # decode batches below 8 rows cost the same as 8 on a GPU: one bucket for them (fewer compiles)
+        self.seq_buckets_decode = bucket_list(min(8, config.max_num_seqs), max(config.max_num_seqs, 1), 2)
         self.seq_buckets_prefill = bucket_list(4, max(config.max_num_seqs, 4), 4)
         self.token_buckets = bucket_list(16, max(config.max_num_batched_tokens, 16), 2)
 
@@ -143,6 +144,7 @@ class ModelRunner:
     def _multi_step_impl(self, params, kv_caches, batch, sbatch, *, flags, num_steps: int):
         """`num_steps` decode steps in one device call: each step's sampled tokens are the next step's inputs.
         batch: input_ids/positions/context_lens [S] for the first step, slots [num_steps, S], block_tables.
+        sbatch: the sampling batch of every step stacked on a leading [num_steps] axis.
         Returns SampleResult fields stacked on a leading [num_steps] axis."""
         S = batch["input_ids"].shape[0]
         live = batch["context_lens"] > 0                                   # padding rows stay inert
@@ -156,11 +158,13 @@ class ModelRunner:
                 block_tables=batch["block_tables"], mesh=self.mesh)
             hidden, kv = self.model.apply_hidden(params, tokens, batch["positions"] + j, attention, kv)
             logits = self.model.apply_logits(params, hidden)               # [S, vocab] float32
-            res = sampling.sample(logits, sbatch._replace(step=sbatch.step + j), flags=flags)
+            step_batch = jax.tree_util.tree_map(lambda a: a[j], sbatch)     # this step's rows (keys, ...)
+            res = sampling.sample(logits, step_batch, flags=flags)
             acc = jax.tree_util.tree_map(lambda a, r: a.at[j].set(r), acc, res)
             return kv, res.token_ids, acc
 
-        proto = jax.eval_shape(lambda: sampling.sample(jnp.zeros((S, self.mc.vocab_size), jnp.float32), sbatch,
+        first = jax.tree_util.tree_map(lambda a: a[0], sbatch)
+        proto = jax.eval_shape(lambda: sampling.sample(jnp.zeros((S, self.mc.vocab_size), jnp.float32), first,
                                                        flags=flags))
         acc = jax.tree_util.tree_map(lambda x: jnp.zeros((num_steps,) + x.shape, x.dtype), proto)
         kv, _, acc = jax.lax.fori_loop(0, num_steps, body, (kv_caches, batch["input_ids"], acc))
@@ -168,7 +172,7 @@ class ModelRunner:
 
     def padded_num_seqs(self, out: SchedulerOutput) -> int:
         if out.is_decode_only:
-            return next_power_of(len(out.scheduled), 2, 1)
+            return next_power_of(len(out.scheduled), 2, self.seq_buckets_decode[0])
         return next_power_of(len(out.scheduled), 4, 4)
 
     def prepare_inputs(self, out: SchedulerOutput) -> Tuple[Dict[str, np.ndarray], bool, int]:
@@ -271,6 +275,8 @@ class ModelRunner:
         """Compile every bucket now (behind a progress bar) so no request waits on XLA later. Dummy steps are
         all padding: slots -1 (nothing written), context 0 (nothing read)."""
         shapes = [(True, s, s) for s in self.seq_buckets_decode]
+        if self.config.num_decode_steps > 1:
+            shapes += [("multi", s, s) for s in self.seq_buckets_decode]
         shapes += [(False, t, s) for t in self.token_buckets for s in self.seq_buckets_prefill if s <= t]
         for decode, T, S in tqdm(shapes, desc="compiling step buckets", unit="shape"):
             batch = dict(input_ids=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
@@ -280,8 +286,17 @@ class ModelRunner:
                          logits_index=np.zeros(S, np.int32))
             sbatch, flags = sampling.build_sampling_batch([], pad_to=S, eos_token_ids=[], engine_seed=0,
                                                           vocab_size=self.mc.vocab_size)
-            result, self.kv_caches = self._step_fn(self.params, self.kv_caches, batch, sbatch,
-                                                   decode=decode, flags=flags)
+            if decode == "multi":
+                K = self.config.num_decode_steps
+                sbatch = jax.tree_util.tree_map(lambda a: np.stack([a] * K), sbatch)
+                mbatch = dict(input_ids=batch["input_ids"], positions=batch["positions"],
+                              context_lens=batch["context_lens"], block_tables=batch["block_tables"],
+                              slots=np.full((K, S), -1, np.int32))
+                result, self.kv_caches = self._multi_step_fn(self.params, self.kv_caches, mbatch, sbatch,
+                                                             flags=flags, num_steps=K)
+            else:
+                result, self.kv_caches = self._step_fn(self.params, self.kv_caches, batch, sbatch,
+                                                       decode=decode, flags=flags)
             jax.block_until_ready(result)
 
 
