@@ -11,7 +11,10 @@ Padding tokens write nowhere (slot -1) and padding sequences have context length
 """
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import os
+import threading
 import time
 from typing import Dict, List, Optional, Sequence as Seq, Tuple
 
@@ -87,7 +90,8 @@ class ModelRunner:
         self._copy_fn = jax.jit(_copy_blocks, donate_argnums=(0,))
         self._write_blocks_fn = jax.jit(_write_blocks, donate_argnums=(0,))
         self._read_blocks_fn = jax.jit(_read_blocks)
-        self.compiled_shapes: set = set()
+        self._compiled: dict = {}        # (kind, flags, num_steps, input shapes) -> compiled executable
+        self._compile_lock = threading.Lock()
 
     # ------------------------------------------------------------------ memory
     def kv_bytes_per_block(self) -> int:
@@ -230,12 +234,35 @@ class ModelRunner:
                 slots[:, i] = sch.slots
             mbatch = dict(input_ids=batch["input_ids"], positions=batch["positions"],
                           context_lens=batch["context_lens"], block_tables=batch["block_tables"], slots=slots)
-            result, self.kv_caches = self._multi_step_fn(self.params, self.kv_caches, mbatch, sampling_batch,
-                                                         flags=flags, num_steps=K)
+            fn = self.compiled("multi", mbatch, sampling_batch, flags, K)
+            result, self.kv_caches = fn(self.params, self.kv_caches, mbatch, sampling_batch)
             return jax.device_get(result)
-        result, self.kv_caches = self._step_fn(self.params, self.kv_caches, batch, sampling_batch,
-                                               decode=decode, flags=flags)
+        fn = self.compiled("decode" if decode else "prefill", batch, sampling_batch, flags)
+        result, self.kv_caches = fn(self.params, self.kv_caches, batch, sampling_batch)
         return jax.device_get(result)
+
+    # ------------------------------------------------------------------ compiled programs
+    @staticmethod
+    def _shape_key(tree) -> tuple:
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        return (str(treedef),) + tuple((tuple(np.shape(x)), str(np.asarray(x).dtype) if not hasattr(x, "dtype")
+                                         else str(x.dtype)) for x in leaves)
+
+    def compiled(self, kind: str, batch, sbatch, flags, num_steps: int = 1):
+        """The compiled program for these input shapes (ahead-of-time: lower + compile once, then reuse)."""
+        key = (kind, flags, num_steps, self._shape_key(batch), self._shape_key(sbatch))
+        fn = self._compiled.get(key)
+        if fn is None:
+            if kind == "multi":
+                lowered = self._multi_step_fn.lower(self.params, self.kv_caches, batch, sbatch, flags=flags,
+                                                    num_steps=num_steps)
+            else:
+                lowered = self._step_fn.lower(self.params, self.kv_caches, batch, sbatch,
+                                              decode=(kind == "decode"), flags=flags)
+            fn = lowered.compile()
+            with self._compile_lock:
+                self._compiled[key] = fn
+        return fn
 
     # ------------------------------------------------------------------ block copies / swap
     def _pad_pairs(self, pairs: Seq[Tuple[int, int]]) -> Tuple[np.ndarray, np.ndarray]:
@@ -271,33 +298,47 @@ class ModelRunner:
         self.kv_caches = self._write_blocks_fn(self.kv_caches, data, dst)
 
     # ------------------------------------------------------------------ warm-up
-    def warmup(self) -> None:
-        """Compile every bucket now (behind a progress bar) so no request waits on XLA later. Dummy steps are
-        all padding: slots -1 (nothing written), context 0 (nothing read)."""
-        shapes = [(True, s, s) for s in self.seq_buckets_decode]
+    def warmup_shapes(self) -> list:
+        shapes = [("decode", s, s) for s in self.seq_buckets_decode]
         if self.config.num_decode_steps > 1:
             shapes += [("multi", s, s) for s in self.seq_buckets_decode]
-        shapes += [(False, t, s) for t in self.token_buckets for s in self.seq_buckets_prefill if s <= t]
-        for decode, T, S in tqdm(shapes, desc="compiling step buckets", unit="shape"):
-            batch = dict(input_ids=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
-                         slot_mapping=np.full(T, -1, np.int32), query_start=np.zeros(S + 1, np.int32),
-                         context_lens=np.zeros(S, np.int32),
-                         block_tables=np.zeros((S, self.max_blocks_per_seq), np.int32),
-                         logits_index=np.zeros(S, np.int32))
-            sbatch, flags = sampling.build_sampling_batch([], pad_to=S, eos_token_ids=[], engine_seed=0,
-                                                          vocab_size=self.mc.vocab_size)
-            if decode == "multi":
-                K = self.config.num_decode_steps
-                sbatch = jax.tree_util.tree_map(lambda a: np.stack([a] * K), sbatch)
-                mbatch = dict(input_ids=batch["input_ids"], positions=batch["positions"],
-                              context_lens=batch["context_lens"], block_tables=batch["block_tables"],
-                              slots=np.full((K, S), -1, np.int32))
-                result, self.kv_caches = self._multi_step_fn(self.params, self.kv_caches, mbatch, sbatch,
-                                                             flags=flags, num_steps=K)
-            else:
-                result, self.kv_caches = self._step_fn(self.params, self.kv_caches, batch, sbatch,
-                                                       decode=decode, flags=flags)
-            jax.block_until_ready(result)
+        shapes += [("prefill", t, s) for t in self.token_buckets for s in self.seq_buckets_prefill if s <= t]
+        return shapes
+
+    def _dummy_inputs(self, kind: str, T: int, S: int):
+        """All-padding inputs of one bucket: slots -1 (nothing written), context 0 (nothing read)."""
+        batch = dict(input_ids=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
+                     slot_mapping=np.full(T, -1, np.int32), query_start=np.zeros(S + 1, np.int32),
+                     context_lens=np.zeros(S, np.int32),
+                     block_tables=np.zeros((S, self.max_blocks_per_seq), np.int32),
+                     logits_index=np.zeros(S, np.int32))
+        sbatch, flags = sampling.build_sampling_batch([], pad_to=S, eos_token_ids=[], engine_seed=0,
+                                                      vocab_size=self.mc.vocab_size)
+        if kind == "multi":
+            K = self.config.num_decode_steps
+            sbatch = jax.tree_util.tree_map(lambda a: np.stack([a] * K), sbatch)
+            batch = dict(input_ids=batch["input_ids"], positions=batch["positions"],
+                         context_lens=batch["context_lens"], block_tables=batch["block_tables"],
+                         slots=np.full((K, S), -1, np.int32))
+            return batch, sbatch, flags, K
+        return batch, sbatch, flags, 1
+
+    def warmup(self) -> None:
+        """Compile every bucket (greedy sampling variant) now, several at a time in threads (XLA compiles in
+        C++ without the GIL), behind a progress bar, so no request waits on XLA later."""
+        shapes = self.warmup_shapes()
+        workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+        bar = tqdm(total=len(shapes), desc="compiling step buckets", unit="shape")
+
+        def one(shape):
+            kind, T, S = shape
+            batch, sbatch, flags, K = self._dummy_inputs(kind, T, S)
+            self.compiled(kind, batch, sbatch, flags, K)
+            bar.update(1)
+
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(one, shapes))
+        bar.close()
 
 
 def _copy_blocks(kv_caches, src, dst):
