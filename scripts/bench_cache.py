@@ -5,13 +5,15 @@
 Each row is one schedule-sized operation: the same call made once for each of the 256 sequences, as a scheduler
 step would. Setup is not timed; every timed repetition starts from the same state. Prints a table (median and
 best of the repetitions, per step and per sequence) and writes bench/results/cache_bench_cpu.json. These are host
-CPU numbers: the BlockManager is plain Python and runs on the host in production too.
+CPU numbers: the BlockManager is plain Python and runs on the host in production too. Standard library only
+(no numpy, no JAX), so it runs as-is on any host, e.g. the CPU of a GPU server.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import gc
+import json
 import os
 import platform
 import random
@@ -19,10 +21,18 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import bench_common as bc  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from yaie_jax.cache import BlockManager  # noqa: E402
+
+
+def print_table(rows, cols):
+    def fmt(v):
+        return f"{v:,.3f}" if isinstance(v, float) and abs(v) < 100 else (f"{v:,.0f}" if isinstance(v, float)
+                                                                         else str(v))
+    widths = [max(len(c), *(len(fmt(r[c])) for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(fmt(r[c]).ljust(w) for c, w in zip(cols, widths)))
 
 
 def measure(setup, op, repeats):
@@ -49,6 +59,7 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--out-dir", default="bench/results")
+    ap.add_argument("--name", default="cache_bench_cpu", help="output file name, without .json")
     args = ap.parse_args()
     S, BS, L, R = args.num_seqs, args.block_size, args.prompt_len, args.repeats
     rng = random.Random(0)
@@ -179,16 +190,18 @@ def main():
     bm = running(cache_prompts=True)
     row("check_invariants (not on the hot path)", lambda: bm, lambda b: b.check_invariants(), repeats=3)
 
-    bc.print_table(rows, ["operation", "us_per_step", "us_per_seq", "best_us_per_step"])
+    print_table(rows, ["operation", "us_per_step", "us_per_seq", "best_us_per_step"])
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "python": platform.python_version(), "implementation": platform.python_implementation(),
            "machine": platform.machine(), "processor": platform.processor() or None,
            "cpu_count": os.cpu_count(), "host": platform.node(),
            "device": "cpu (host-side bookkeeping; no accelerator involved)"}
-    path = bc.write_result(args.out_dir, "cache_bench_cpu",
-                           {"env": env, "num_seqs": S, "block_size": BS, "prompt_len": L, "repeats": R,
-                            "results": rows,
-                            "note": "CPU host timings in microseconds; median of repeats, each from a fresh state"})
+    record = {"env": env, "num_seqs": S, "block_size": BS, "prompt_len": L, "repeats": R, "results": rows,
+              "note": "CPU host timings in microseconds; median (and best) of repeats, each from a fresh state"}
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, args.name + ".json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
     print("wrote", path)
 
 

@@ -88,10 +88,42 @@ def make_pool(key, num_kv_heads, num_blocks, block_size, head_dim, dtype):
             jax.random.normal(kv, shape, jnp.float32).astype(dtype))
 
 
+def plot(json_path, png_path):
+    """Decode GB/s vs batch (one line per context) for the kernel and the XLA path, with the copy ceiling."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(json_path) as fh:
+        d = json.load(fh)
+    rows = [r for r in d["rows"] if r.get("kind") == "decode" and "error" not in r
+            and "stages" not in r and "num_splits" not in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, ctx in enumerate(sorted({r["context"] for r in rows})):
+        rs = sorted((r for r in rows if r["context"] == ctx), key=lambda r: r["batch"])
+        color = f"C{i}"
+        ax.plot([r["batch"] for r in rs], [r["gbps"] for r in rs], "o-", color=color, label=f"Pallas ctx={ctx}")
+        ax.plot([r["batch"] for r in rs if "ref_time_us" in r],
+                [r["bytes"] / r["ref_time_us"] / 1e3 for r in rs if "ref_time_us" in r], "x--", color=color,
+                label=f"XLA ctx={ctx}")
+    ax.axhline(d["copy_bandwidth_gbps"], color="k", lw=0.8, ls=":", label="measured copy bandwidth")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch (sequences)")
+    ax.set_ylabel("GB/s (K/V + q + out bytes / time)")
+    r0 = rows[0] if rows else {}
+    ax.set_title(f"paged decode, {d['device']}, jax {d['jax_version']}\n"
+                 f"Hq={r0.get('num_q_heads')} Hkv={r0.get('num_kv_heads')} D={r0.get('head_dim')} "
+                 f"block={r0.get('block_size')} bf16", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+
+
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--plot":
+        return plot(sys.argv[2], sys.argv[3])
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting new rows after this long")
     ap.add_argument("--num-q-heads", type=int, default=32)

@@ -33,8 +33,10 @@ def run_yaie(model_dir: str, prompts, max_new, args, enable_prefix_caching: bool
               gpu_memory_utilization=args.gpu_memory_utilization)
     startup_s = time.perf_counter() - t0
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_new]
-    # Warm-up pass on a slice of the workload (compiles whatever warm-up did not), then the timed pass.
-    llm.generate(prompts[:16], params[:16], use_tqdm=False)
+    # Warm-up: the whole workload once (compiles every shape it meets), then the timed pass.
+    t0 = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    print(f"warm-up pass {time.perf_counter() - t0:.1f} s", flush=True)
     llm.engine.block_manager.reset_prefix_cache()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=True)
