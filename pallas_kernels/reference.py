@@ -1,31 +1,41 @@
-"""Plain-jnp references of the paged attention kernels (same signatures as the Pallas ones).
+"""Plain-jnp references of the paged attention kernels (same signatures as the Pallas ones), and the K/V writer.
 
 They double as the engine's `attention_backend="xla"` path, so they are written to be reasonable under XLA:
-decode gathers each sequence's pages once; ragged prefill gathers, per sequence row, its pages and attends its
-query tokens (looked up by token -> sequence) with a causal mask.
+- decode gathers each sequence's pages once (one gather of [num_kv_heads, num_seqs, max_blocks, block_size,
+  head_dim] in the pool's dtype), then two batched contractions with fp32 accumulation;
+- ragged prefill cuts the query tokens into work items of (sequence, chunk of `C` query rows), and walks the
+  items in a loop whose trip count is the number of real items (computed on the device), a few items per
+  iteration: each item gathers its sequence's pages once (not once per token), so the live memory is
+  O(items_per_step * C * num_q_heads * max_context) scores, never num_tokens^2 * head_dim.
 
 Layouts: q [tokens or seqs, num_q_heads, head_dim]; k_pages/v_pages [num_kv_heads, num_blocks, block_size,
 head_dim]; block_tables [num_seqs, max_blocks] int32; context_lens [num_seqs] int32 (0 = padding row).
-Accumulation in float32; outputs in q.dtype.
+Accumulation in float32 (products of the inputs' dtype, precision HIGHEST so fp32 inputs are not rounded to
+tf32 on GPUs); outputs in q.dtype. Block-table entries past a sequence's last block may hold anything in
+[0, num_blocks) (out-of-range entries are clamped); the pool is assumed finite (the engine zero-initializes it).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 NEG_INF = -1e30
+_HI = lax.Precision.HIGHEST
 
 
 def _scale(scale, head_dim):
-    return (1.0 / head_dim ** 0.5) if scale is None else scale
+    return (1.0 / head_dim ** 0.5) if scale is None else float(scale)
 
 
 def write_kv(k_pages, v_pages, k, v, slot_mapping):
-    """Write new tokens' K/V at their slots. k, v [num_tokens, num_kv_heads, head_dim]; slot_mapping
-    [num_tokens] int32 (block * block_size + offset; negative = padding, not written). Under donation of the
-    pages XLA updates them in place (a scatter, no copy of the pool)."""
+    """Write new tokens' K/V at their slots.
+
+    k, v [num_tokens, num_kv_heads, head_dim]; slot_mapping [num_tokens] int32 (block * block_size + offset;
+    negative = padding, not written). Returns the updated (k_pages, v_pages). Under donation of the pages XLA
+    updates them in place (a scatter of num_tokens rows, no copy of the pool)."""
     H, NB, BS, D = k_pages.shape
-    slots = jnp.where(slot_mapping < 0, NB * BS, slot_mapping)          # out of range -> dropped
+    slots = jnp.where(slot_mapping < 0, NB * BS, slot_mapping)          # out of range -> dropped by the scatter
     kf = k_pages.reshape(H, NB * BS, D)
     vf = v_pages.reshape(H, NB * BS, D)
     kf = kf.at[:, slots].set(jnp.swapaxes(k, 0, 1).astype(k_pages.dtype), mode="drop")
@@ -33,62 +43,95 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping):
     return kf.reshape(H, NB, BS, D), vf.reshape(H, NB, BS, D)
 
 
-def _gather_pages(pages, block_tables):
-    # pages [H, NB, BS, D], block_tables [S, MB] -> [S, H, MB*BS, D]
-    H, NB, BS, D = pages.shape
-    S, MB = block_tables.shape
-    g = pages[:, block_tables]                                           # [H, S, MB, BS, D]
-    return jnp.transpose(g, (1, 0, 2, 3, 4)).reshape(S, H, MB * BS, D)
-
-
 def paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=None, interpret=None):
-    """Decode attention: one query per sequence over its `context_lens[i]` cached tokens."""
+    """Decode attention: one query per sequence over its `context_lens[i]` cached tokens.
+
+    q [num_seqs, num_q_heads, head_dim] -> [num_seqs, num_q_heads, head_dim] (zeros where context_lens == 0)."""
+    del interpret
     S, Hq, D = q.shape
-    Hkv = k_pages.shape[0]
+    Hkv, NB, BS, _ = k_pages.shape
+    MB = block_tables.shape[1]
     G = Hq // Hkv
-    k = _gather_pages(k_pages, block_tables).astype(jnp.float32)       # [S, Hkv, L, D]
-    v = _gather_pages(v_pages, block_tables).astype(jnp.float32)
-    qg = q.reshape(S, Hkv, G, D).astype(jnp.float32) * _scale(scale, D)
-    s = jnp.einsum("shgd,shld->shgl", qg, k)                            # [S, Hkv, G, L]
-    L = k.shape[2]
-    valid = jnp.arange(L)[None, :] < context_lens[:, None]              # [S, L]
-    s = jnp.where(valid[:, None, None, :], s, NEG_INF)
-    p = jax.nn.softmax(s, axis=-1)
-    out = jnp.einsum("shgl,shld->shgd", p, v).reshape(S, Hq, D)
-    out = jnp.where((context_lens > 0)[:, None, None], out, 0.0)
-    return out.astype(q.dtype)
+    bt = jnp.clip(block_tables, 0, NB - 1)
+    k = k_pages[:, bt]                                                   # [Hkv, S, MB, BS, D] pool dtype
+    v = v_pages[:, bt]
+    qg = q.reshape(S, Hkv, G, D).astype(k.dtype)
+    s = jnp.einsum("shgd,hsmbd->shgmb", qg, k, precision=_HI,
+                   preferred_element_type=jnp.float32) * _scale(scale, D)  # [S, Hkv, G, MB, BS]
+    valid = (jnp.arange(MB * BS) < context_lens[:, None]).reshape(S, 1, 1, MB, BS)
+    s = jnp.where(valid, s, NEG_INF)
+    m = jnp.max(s, axis=(-2, -1), keepdims=True)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=(-2, -1))                                        # [S, Hkv, G]
+    o = jnp.einsum("shgmb,hsmbd->shgd", p, v.astype(jnp.float32), precision=_HI)
+    o = o / l[..., None]
+    o = jnp.where((context_lens > 0)[:, None, None, None], o, 0.0)
+    return o.reshape(S, Hq, D).astype(q.dtype)
+
+
+def _cdiv(a, b):
+    return -(-a // b)
 
 
 def ragged_prefill_attention(q, k_pages, v_pages, query_start, context_lens, block_tables, *, scale=None,
-                             interpret=None):
-    """Attention for query chunks of many sequences laid back to back (see pallas_kernels docs).
+                             interpret=None, q_chunk=None, items_per_step=None):
+    """Attention for query chunks of many sequences laid back to back.
 
-    Sequence i's queries q[query_start[i]:query_start[i+1]] are the last positions of its context_lens[i]
-    tokens and attend causally to everything before them. Tokens past query_start[-1] output zeros."""
+    q [num_tokens, num_q_heads, head_dim]; query_start [num_seqs + 1] int32. Sequence i's queries
+    q[query_start[i]:query_start[i+1]] are the last positions of its context_lens[i] tokens (their K/V already in
+    the pages) and attend causally to everything before them, cached prefix included. Tokens past
+    query_start[-1] output zeros. `q_chunk`/`items_per_step` only tune the XLA loop."""
+    del interpret
     T, Hq, D = q.shape
-    S = context_lens.shape[0]
-    Hkv = k_pages.shape[0]
+    Hkv, NB, BS, _ = k_pages.shape
+    S, MB = block_tables.shape
     G = Hq // Hkv
-    t = jnp.arange(T)
-    # token -> sequence row (rows with empty query ranges are skipped by searchsorted's right side)
-    seq_of = jnp.clip(jnp.searchsorted(query_start, t, side="right") - 1, 0, S - 1)   # [T]
-    q_len = query_start[1:] - query_start[:-1]                                          # [S]
-    valid_tok = t < query_start[S]
-    pos = context_lens[seq_of] - q_len[seq_of] + (t - query_start[seq_of])              # [T] absolute position
-    k = _gather_pages(k_pages, block_tables)                                             # [S, Hkv, L, D]
-    v = _gather_pages(v_pages, block_tables)
-    L = k.shape[2]
-    qg = q.reshape(T, Hkv, G, D).astype(jnp.float32) * _scale(scale, D)
+    L = MB * BS
+    sc = _scale(scale, D)
+    # Chunk size: about the mean query length per sequence slot (mixed batches of many 1-token rows get small
+    # chunks, one long prompt gets 128-row chunks), a power of two in [8, 128].
+    if q_chunk is None:
+        per_seq = max(1, T // max(S, 1))
+        q_chunk = min(128, max(8, 1 << (per_seq - 1).bit_length()))
+    C = max(1, min(q_chunk, T))
+    W = _cdiv(T, C) + S                                                  # static bound on the number of items
+    if items_per_step is None:
+        budget = 1 << 24                                                 # fp32 scores per loop iteration
+        items_per_step = max(1, min(W, budget // max(1, C * Hq * L), max(1, 1024 // C)))
+    B = items_per_step
 
-    def one_token(qt, s_row, p):
-        kt = k[s_row].astype(jnp.float32)                                                # [Hkv, L, D]
-        vt = v[s_row].astype(jnp.float32)
-        sc = jnp.einsum("hgd,hld->hgl", qt, kt)
-        sc = jnp.where((jnp.arange(L) <= p)[None, None, :], sc, NEG_INF)
-        pr = jax.nn.softmax(sc, axis=-1)
-        return jnp.einsum("hgl,hld->hgd", pr, vt)
+    q_len = jnp.maximum(query_start[1:] - query_start[:-1], 0)          # [S]
+    n_chunks = (q_len + C - 1) // C
+    item_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(n_chunks).astype(jnp.int32)])  # [S+1]
+    n_items = item_start[S]
+    bt_all = jnp.clip(block_tables, 0, NB - 1)
+    q_pad = jnp.concatenate([q, jnp.zeros((C, Hq, D), q.dtype)]).astype(k_pages.dtype)  # [T + C, Hq, D]
+    key_idx = jnp.arange(L)
 
-    out = jax.lax.map(lambda a: one_token(*a), (qg, seq_of, pos), batch_size=64)       # [T, Hkv, G, D]
-    out = out.reshape(T, Hq, D)
-    out = jnp.where(valid_tok[:, None, None], out, 0.0)
+    def step(i, out):
+        item = i * B + jnp.arange(B)                                     # [B]
+        item_ok = item < n_items
+        seq = jnp.clip(jnp.searchsorted(item_start, item, side="right") - 1, 0, S - 1)
+        chunk = item - item_start[seq]
+        row0 = query_start[seq] + chunk * C                              # [B]
+        rows = row0[:, None] + jnp.arange(C)[None, :]                    # [B, C]
+        row_ok = item_ok[:, None] & (rows < query_start[seq + 1][:, None])
+        pos = (context_lens[seq] - q_len[seq])[:, None] + (rows - query_start[seq][:, None])  # [B, C] absolute
+        qi = q_pad[jnp.clip(rows, 0, T + C - 1)].reshape(B, C, Hkv, G, D)
+        bt = bt_all[seq]                                                 # [B, MB]
+        k = k_pages[:, bt].reshape(Hkv, B, L, D)
+        v = v_pages[:, bt].reshape(Hkv, B, L, D)
+        s = jnp.einsum("bchgd,hbld->bhgcl", qi, k, precision=_HI, preferred_element_type=jnp.float32) * sc
+        mask = key_idx[None, None, :] <= pos[:, :, None]                 # [B, C, L]
+        s = jnp.where(mask[:, None, None], s, NEG_INF)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        p = jnp.exp(s - m)
+        l = jnp.sum(p, axis=-1)                                          # [B, Hkv, G, C]
+        o = jnp.einsum("bhgcl,hbld->bchgd", p, v.astype(jnp.float32), precision=_HI)
+        o = o / jnp.moveaxis(l, -1, 1)[..., None]                        # [B, C, Hkv, G, D]
+        dst = jnp.where(row_ok, rows, T + C)                             # not ours / padding -> dropped
+        return out.at[dst.reshape(-1)].set(o.reshape(B * C, Hq, D), mode="drop")
+
+    out = jnp.zeros((T, Hq, D), jnp.float32)
+    out = lax.fori_loop(0, (n_items + B - 1) // B, step, out)
     return out.astype(q.dtype)

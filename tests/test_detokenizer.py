@@ -1,53 +1,428 @@
-"""Incremental detokenization: deltas concatenate to the full decode, never emit a broken character, and
-stop strings are cut (also across token boundaries)."""
-import os
-import sys
+"""Incremental detokenization (yaie_jax/detokenizer.py) against the tokenizer's own full decode.
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
+Two tokenizers are built here (no hub): a byte-level BPE (GPT-2 style: multi-byte characters split across byte
+tokens) and a SentencePiece-style BPE with byte fallback (Llama style: Metaspace "▁" spaces, a decoder that drops
+the leading space of a decode, <0xNN> byte tokens). Both are trained on a tiny corpus with accents, CJK and emoji.
+"""
+from __future__ import annotations
 
-sys.path.insert(0, os.path.dirname(__file__))
-import support  # noqa: E402
-from yaie_jax.detokenizer import REPLACEMENT, IncrementalDetokenizer  # noqa: E402
+import functools
+import json
 
-TOK = support.tiny_tokenizer()
+import pytest
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+
+from yaie_jax import detokenizer as detok_mod
+from yaie_jax.detokenizer import IncrementalDetokenizer, decode_token
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Café crème brûlée, naïve résumé, über straße.",
+    "日本語の文章と中文句子。 😀🚀🎉 emoji!",
+    "def f(x):\n    return x * 2  # code with    spaces\n",
+    "Once upon a time, there was a little engine that could.",
+]
+SPECIALS = ["<|endoftext|>", "<|im_end|>"]
 
 
-@settings(max_examples=80, deadline=None)
-@given(st.lists(st.integers(1, 383), min_size=1, max_size=40), st.lists(st.integers(1, 383), max_size=5))
-def test_deltas_concatenate_to_full_decode(ids, prompt):
-    det = IncrementalDetokenizer(TOK, prompt)
-    deltas = [det.add_tokens([t]) for t in ids]
+@functools.lru_cache(maxsize=None)
+def byte_bpe():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 10, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIALS[0], unk_token=SPECIALS[0],
+                                   additional_special_tokens=SPECIALS[1:], clean_up_tokenization_spaces=False)
+
+
+@functools.lru_cache(maxsize=None)
+def sentencepiece_bpe():
+    """Llama-style: ASCII merges only, so every non-ASCII character falls back to <0xNN> byte tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    meta = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    base = Tokenizer(models.BPE())
+    base.pre_tokenizer = meta
+    base.train_from_iterator(CORPUS * 10, trainer=trainers.BpeTrainer(vocab_size=220, show_progress=False))
+    model = json.loads(base.to_str())["model"]
+    ascii_ok = lambda t: all(c.isascii() or c == "▁" for c in t)  # noqa: E731
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)])}
+    for t in model["vocab"]:
+        if ascii_ok(t) and t not in vocab:
+            vocab[t] = len(vocab)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    merges = [m for m in merges if ascii_ok(m[0] + m[1]) and m[0] + m[1] in vocab]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = meta
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   clean_up_tokenization_spaces=False)
+
+
+def enc(tok, text):
+    return tok.encode(text, add_special_tokens=False)
+
+
+def feed(det, ids, chunks=None):
+    """Feed ids (in chunks of the given sizes, cycling; default one by one); returns the deltas and, after each
+    call, the text released so far."""
+    chunks = chunks or [1]
+    deltas, released, i, j = [], [], 0, 0
+    while i < len(ids):
+        c = chunks[j % len(chunks)]
+        deltas.append(det.add_tokens(ids[i:i + c]))
+        released.append("".join(deltas))
+        i, j = i + c, j + 1
+    return deltas, released
+
+
+# ------------------------------------------------------------------------------- the tokenizers behave as assumed
+
+def test_tokenizers_split_characters_across_tokens():
+    bb, sp = byte_bpe(), sentencepiece_bpe()
+    for tok in (bb, sp):
+        ids = enc(tok, "日本語 😀")
+        assert any("\ufffd" in tok.decode([i]) for i in ids)            # single tokens hold partial characters
+        assert tok.decode(ids) == "日本語 😀"
+    assert sp.decode(enc(sp, " world")) == "world"                     # SentencePiece drops the leading space
+    assert sp.convert_ids_to_tokens(enc(sp, "😀"))[-1] == "<0x80>"
+
+
+# -------------------------------------------------------------------------------------------- streaming, basic
+
+@pytest.mark.parametrize("make", [byte_bpe, sentencepiece_bpe])
+def test_stream_equals_full_decode(make):
+    tok = make()
+    prompt = enc(tok, "Once upon a time")
+    text = " there was café crème 日本語の文章 😀🚀 and über straße.\n    return x"
+    out = enc(tok, text)
+    det = IncrementalDetokenizer(tok, prompt)
+    deltas, released = feed(det, out)
     deltas.append(det.flush())
-    assert "".join(deltas) == TOK.decode(ids, skip_special_tokens=True)
-    for d in deltas[:-1]:
-        assert not d.endswith(REPLACEMENT) or TOK.decode(ids).count(REPLACEMENT) > 0
+    expected = tok.decode(prompt + out)[len(tok.decode(prompt)):]
+    assert expected == text
+    assert "".join(deltas) == expected == det.text == det.released_text
+    for r in released:
+        assert expected.startswith(r)                                   # never a character that changes later
+    assert not any("\ufffd" in d for d in deltas)
 
 
-def test_multibyte_characters_never_split():
-    text = "caf\u00e9 \U0001F600\U0001F680 \u65e5\u672c"
-    ids = TOK.encode(text)
-    det = IncrementalDetokenizer(TOK, [])
-    out = [det.add_tokens([t]) for t in ids]
-    assert REPLACEMENT not in "".join(out)
-    assert "".join(out) + det.flush() == text
+def test_sentencepiece_first_token_keeps_its_space():
+    sp = sentencepiece_bpe()
+    prompt, out = enc(sp, "Hello"), enc(sp, " world and more")[0:]
+    assert sp.decode(out) == "world and more"                         # decoded alone, the space is lost
+    det = IncrementalDetokenizer(sp, prompt)
+    deltas, _ = feed(det, out)
+    assert "".join(deltas) + det.flush() == " world and more"
+    # without a prompt there is no space to keep
+    det = IncrementalDetokenizer(sp, [])
+    assert det.add_tokens(out) + det.flush() == "world and more"
 
 
-def test_stop_string_across_tokens_and_holdback():
-    text = "Paris is the capital of France. Berlin"
-    ids = TOK.encode(text)
-    det = IncrementalDetokenizer(TOK, [], stop=["capital of", "nothing"])
+def test_multibyte_character_is_released_whole():
+    bb = byte_bpe()
+    ids = enc(bb, "😀")
+    assert len(ids) > 1
+    det = IncrementalDetokenizer(bb, enc(bb, "x"))
+    assert [det.add_tokens([i]) for i in ids] == [""] * (len(ids) - 1) + ["😀"]
+
+
+def test_prompt_ending_inside_a_character():
+    bb = byte_bpe()
+    ids = enc(bb, "a😀b")
+    k = next(i for i in range(1, len(ids)) if bb.decode(ids[:i]).endswith("\ufffd"))
+    prompt, out = ids[:k], ids[k:]
+    det = IncrementalDetokenizer(bb, prompt)
+    assert "".join(feed(det, out)[0]) + det.flush() == bb.decode(out)   # the output decoded on its own
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_special_tokens(skip):
+    bb = byte_bpe()
+    eot, im_end = bb.convert_tokens_to_ids(SPECIALS)
+    out = enc(bb, "ab") + [eot] + enc(bb, " 日本") + [im_end, im_end] + enc(bb, "c")
+    det = IncrementalDetokenizer(bb, enc(bb, "hi"), skip_special_tokens=skip)
+    text = "".join(feed(det, out)[0]) + det.flush()
+    assert text == bb.decode(out, skip_special_tokens=skip)
+    assert ("<|endoftext|>" in text) == (not skip)
+
+
+def test_flush_releases_an_unfinished_character():
+    bb = byte_bpe()
+    ids = enc(bb, "ok 😀")
+    det = IncrementalDetokenizer(bb, [])
+    assert det.add_tokens(ids[:-1]) == "ok "
+    assert det.flush() == bb.decode(ids[:-1])[3:]                    # U+FFFD: the sequence really ends there
+    assert det.flush() == ""
+
+
+def test_decode_token():
+    bb, sp = byte_bpe(), sentencepiece_bpe()
+    eot = bb.convert_tokens_to_ids(SPECIALS[0])
+    assert decode_token(bb, eot) == "<|endoftext|>"
+    for i in enc(bb, "quick 😀"):
+        assert decode_token(bb, i) == bb.decode([i])                 # byte-level: a token reads the same alone
+    wor = enc(sp, "x world")[1]
+    piece = sp.convert_ids_to_tokens(wor)
+    assert piece.startswith("▁") and len(piece) > 1
+    assert sp.decode([wor]) == piece[1:] and decode_token(sp, wor) == " " + piece[1:]   # SentencePiece keeps it
+    assert decode_token(sp, sp.convert_tokens_to_ids("<0xE6>")) == "\ufffd"
+    assert decode_token(sp, sp.eos_token_id) == "</s>"
+    ids = enc(sp, "Hello world and more")
+    assert "".join(decode_token(sp, i) for i in ids) == " Hello world and more"
+
+
+class CountingTokenizer:
+    """Passes decode through and records how many ids each call decodes."""
+
+    def __init__(self, tok):
+        self.tok, self.sizes = tok, []
+
+    def decode(self, ids, **kw):
+        self.sizes.append(len(ids))
+        return self.tok.decode(ids, **kw)
+
+
+@pytest.mark.parametrize("make", [byte_bpe, sentencepiece_bpe])
+def test_work_per_token_is_bounded(make):
+    tok = make()
+    text = " ".join(CORPUS) * 20
+    out = enc(tok, text)
+    counting = CountingTokenizer(tok)
+    prompt = enc(tok, "Once upon a time, there was a little")
+    det = IncrementalDetokenizer(counting, prompt, stop=["never"])
+    got = "".join(feed(det, out)[0]) + det.flush()
+    assert got == tok.decode(prompt + out)[len(tok.decode(prompt)):]
+    assert len(out) > 2000
+    # the window stays short (a byte-fallback run may hold it a few tokens longer until its character is whole)
+    assert max(counting.sizes) <= detok_mod.WINDOW_TOKENS + 4
+    assert sum(counting.sizes) / len(out) <= 2 * detok_mod.WINDOW_TOKENS
+    assert len(counting.sizes) <= 2 * len(out)
+
+
+def byte_token(tok, b):
+    """Id of the byte-level token for the single byte b (GPT-2's printable-character alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    if b in printable:
+        ch = chr(b)
+    else:
+        ch = chr(256 + [x for x in range(256) if x not in printable].index(b))
+    return tok.convert_tokens_to_ids(ch)
+
+
+def test_byte_token_helper():
+    bb = byte_bpe()
+    assert bb.decode([byte_token(bb, 0xE6), byte_token(bb, 0x97), byte_token(bb, 0xA5)]) == "日"
+
+
+def test_emoji_run_flows_and_window_stays_short():
+    """Tokens that end one emoji and start the next keep every decode ending in U+FFFD: text must still flow."""
+    bb = byte_bpe()
+    out = enc(bb, "😀" * 300)
+    assert all(bb.decode(out[:k]).endswith("\ufffd") for k in range(3, 40))
+    counting = CountingTokenizer(bb)
+    det = IncrementalDetokenizer(counting, enc(bb, "smile"))
+    deltas, released = feed(det, out)
+    assert "".join(deltas) + det.flush() == "😀" * 300
+    assert len(released[len(out) // 2]) >= 100                        # released while streaming, not at the end
+    assert max(counting.sizes) <= detok_mod.WINDOW_TOKENS + 4
+
+
+def test_invalid_utf8_stream_is_released_and_bounded():
+    bb = byte_bpe()
+    lone = byte_token(bb, 0x80)                                      # a continuation byte with no lead byte
+    out = [lone] * 300 + enc(bb, "ok 日本") + [lone] * 100 + [byte_token(bb, 0xE6)] * 80
+    counting = CountingTokenizer(bb)
+    det = IncrementalDetokenizer(counting, [])
+    deltas, released = feed(det, out)
+    assert "".join(deltas) + det.flush() == bb.decode(out)
+    assert max(counting.sizes) <= detok_mod.MAX_WINDOW_TOKENS + 1
+    assert len(released[200]) > 100                                  # garbage is not held forever
+
+
+# ---------------------------------------------------------------------------------------- streaming, property
+
+TEXT_ALPHABET = st.sampled_from(list("ab cdé日本語😀🚀\n.,") + ["the ", "über ", "  "])
+
+
+@st.composite
+def byte_level_streams(draw):
+    bb = byte_bpe()
+    segments = draw(st.lists(st.one_of(
+        st.lists(TEXT_ALPHABET, min_size=1, max_size=8).map(lambda cs: enc(bb, "".join(cs))),
+        st.lists(st.integers(0, len(bb) - 1), min_size=1, max_size=6),           # any ids: broken UTF-8 too
+        st.sampled_from([[0], [1]])), min_size=1, max_size=8))
+    out = [i for s in segments for i in s]
+    prompt = draw(st.one_of(st.lists(TEXT_ALPHABET, max_size=4).map(lambda cs: enc(bb, "".join(cs))),
+                            st.lists(st.integers(0, len(bb) - 1), max_size=6)))
+    chunks = draw(st.lists(st.integers(1, 4), min_size=1, max_size=4))
+    return prompt, out, chunks
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=byte_level_streams(), skip=st.booleans())
+def test_byte_level_streaming_property(stream, skip):
+    """Released text is always a prefix of the final decode (so no U+FFFD that is not in the final text), and
+    deltas + flush == tokenizer.decode(output ids), whatever the prompt, the ids and the chunking."""
+    bb = byte_bpe()
+    prompt, out, chunks = stream
+    det = IncrementalDetokenizer(bb, prompt, skip_special_tokens=skip)
+    deltas, released = feed(det, out, chunks)
+    final = "".join(deltas) + det.flush()
+    expected = bb.decode(out, skip_special_tokens=skip)
+    assert final == expected == det.text
+    for r in released:
+        assert expected.startswith(r)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pieces=st.lists(st.one_of(st.lists(TEXT_ALPHABET, min_size=1, max_size=6).map("".join),
+                                 st.sampled_from(["<s>", "</s>"])), min_size=1, max_size=8),
+       prompt=st.lists(TEXT_ALPHABET, max_size=10).map("".join), chunks=st.lists(st.integers(1, 4), min_size=1,
+                                                                                max_size=3),
+       skip=st.booleans())
+def test_sentencepiece_streaming_property(pieces, prompt, chunks, skip):
+    sp = sentencepiece_bpe()
+    specials = {"<s>": [sp.bos_token_id], "</s>": [sp.eos_token_id]}
+    out = [i for p in pieces for i in (specials.get(p) or enc(sp, p))]
+    prompt_ids = enc(sp, prompt)
+    full, head = sp.decode(prompt_ids + out, skip_special_tokens=skip), sp.decode(prompt_ids, skip_special_tokens=skip)
+    assume(full.startswith(head))
+    expected = full[len(head):]
+    det = IncrementalDetokenizer(sp, prompt_ids, skip_special_tokens=skip)
+    deltas, released = feed(det, out, chunks)
+    assert "".join(deltas) + det.flush() == expected
+    for r in released:
+        assert expected.startswith(r)
+
+
+# ------------------------------------------------------------------------------------------------ stop strings
+
+SENTENCE = "The quick brown fox jumps over the lazy dog."
+
+
+def run_stop(stop, include=False, text=SENTENCE, chunks=None, **kw):
+    bb = byte_bpe()
+    det = IncrementalDetokenizer(bb, enc(bb, "Once"), stop=stop, include_stop_str_in_output=include, **kw)
+    deltas, released = feed(det, enc(bb, text), chunks)
+    deltas.append(det.flush())
+    return det, deltas, released
+
+
+def test_stop_string_spanning_tokens():
+    bb = byte_bpe()
+    assert len(enc(bb, " brown fox")) > 2
+    det, deltas, released = run_stop(["brown fox"])
+    assert det.stopped and det.stop_reason == "brown fox"
+    assert det.text == "".join(deltas) == "The quick "
+    assert all("b" not in r for r in released)                       # never released, not even a prefix
+    det, deltas, _ = run_stop(["brown fox"], include=True)
+    assert det.text == "".join(deltas) == "The quick brown fox"
+
+
+def test_partial_match_is_held_then_released():
+    bb = byte_bpe()
+    det = IncrementalDetokenizer(bb, [], stop=["brown cat"])
+    ids = enc(bb, SENTENCE)
     released = ""
-    for t in ids:
-        released += det.add_tokens([t])
-        assert "capital of"[:3] not in released[len("Paris is the "):] or det.stopped
-        if det.stopped:
-            break
-    assert det.stopped and det.stop_reason == "capital of"
-    assert det.text == "Paris is the " and released == "Paris is the "
+    for k, i in enumerate(ids):
+        released += det.add_tokens([i])
+        shown = bb.decode(ids[:k + 1])
+        if shown.endswith(" brown"):
+            assert released == "The quick " and det.text == "The quick brown"
+    released += det.flush()
+    assert not det.stopped and det.stop_reason is None and released == det.text == SENTENCE
 
 
-def test_partial_stop_prefix_released_when_disambiguated():
-    det = IncrementalDetokenizer(TOK, [], stop=["France!"])
-    out = "".join(det.add_tokens([t]) for t in TOK.encode("France. ok"))
-    assert not det.stopped and out + det.flush() == "France. ok"
+def test_earliest_completed_stop_wins():
+    for stops in (["lazy", "quick brown", "fox"], ["fox", "quick brown", "lazy"]):
+        det, deltas, _ = run_stop(stops)
+        assert det.stop_reason == "quick brown" and "".join(deltas) == "The "
+    # "brown" is complete before "quick brown fox" is, although the latter starts earlier
+    det, deltas, _ = run_stop(["quick brown fox", "brown"])
+    assert det.stop_reason == "brown" and "".join(deltas) == "The quick "
+    # completed at the same character: the one that starts earlier (the longer) wins
+    det, deltas, _ = run_stop(["own", "brown"])
+    assert det.stop_reason == "brown" and "".join(deltas) == "The quick "
+    # all tokens in one call: same answers
+    det, deltas, _ = run_stop(["quick brown fox", "brown"], chunks=[100])
+    assert det.stop_reason == "brown" and "".join(deltas) == "The quick "
+
+
+def test_stop_with_multibyte_characters():
+    det, deltas, released = run_stop(["日本"], text="中文 日本語 more")
+    assert "".join(deltas) == det.text == "中文 " and det.stop_reason == "日本"
+    det, deltas, _ = run_stop(["😀!"], text="smile 😀 and 😀!", include=True)
+    assert "".join(deltas) == "smile 😀 and 😀!"
+
+
+def test_flush_releases_a_possible_stop_prefix():
+    det, deltas, released = run_stop(["dog!"], text="the lazy dog")
+    assert released[-1] == "the lazy " and det.text == "the lazy dog" and not det.stopped
+    assert deltas[-1] == "dog" and det.released_text == "the lazy dog"
+
+
+def test_nothing_after_a_stop():
+    bb = byte_bpe()
+    det = IncrementalDetokenizer(bb, [], stop=["fox"])
+    det.add_tokens(enc(bb, SENTENCE))
+    assert det.stopped and det.text == "The quick brown "
+    assert det.add_tokens(enc(bb, " more")) == "" and det.flush() == "" and det.text == "The quick brown "
+
+
+def test_stop_on_special_token_text():
+    bb = byte_bpe()
+    im_end = bb.convert_tokens_to_ids(SPECIALS[1])
+    out = enc(bb, "answer") + [im_end] + enc(bb, " junk")
+    det = IncrementalDetokenizer(bb, [], stop=["<|im_end|>"], skip_special_tokens=False)
+    assert det.add_tokens(out) == "answer" and det.stopped
+
+
+def test_min_tokens_defers_stop_strings():
+    bb = byte_bpe()
+    ids = enc(bb, SENTENCE)
+    k = next(i for i in range(len(ids)) if "quick" in bb.decode(ids[:i + 1]))   # token k completes "quick"
+    det = IncrementalDetokenizer(bb, [], stop=["quick"], min_tokens=k + 1)
+    feed(det, ids)
+    assert not det.stopped and det.text == SENTENCE[:len(det.text)]
+    # a stop string that began before min_tokens but is completed after it still counts
+    det = IncrementalDetokenizer(bb, [], stop=["quick"], min_tokens=k)
+    feed(det, ids)
+    assert det.stopped and det.text == "The "
+
+
+def first_stop(text, stops, include):
+    """Reference: read the text one character at a time; the first stop string to be complete wins (ties: the
+    longest, i.e. the one that starts earliest)."""
+    for end in range(1, len(text) + 1):
+        done = [s for s in stops if text.endswith(s, 0, end)]
+        if done:
+            s = max(done, key=len)
+            return text[:end] if include else text[:end - len(s)], s
+    return text, None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.lists(st.sampled_from(list("ab c日😀")), min_size=1, max_size=20).map("".join),
+       stops=st.lists(st.lists(st.sampled_from(list("ab c日😀")), min_size=1, max_size=4).map("".join),
+                      min_size=1, max_size=3),
+       include=st.booleans(), chunks=st.lists(st.integers(1, 5), min_size=1, max_size=4))
+def test_stop_strings_property(text, stops, include, chunks):
+    bb = byte_bpe()
+    ids = enc(bb, text)
+    assert bb.decode(ids) == text
+    expected, reason = first_stop(text, stops, include)
+    det = IncrementalDetokenizer(bb, [], stop=stops, include_stop_str_in_output=include)
+    deltas, released = feed(det, ids, chunks)
+    final = "".join(deltas) + det.flush()
+    assert final == expected == det.text
+    assert det.stopped == (reason is not None) and det.stop_reason == reason
+    for r in released:
+        assert expected.startswith(r)

@@ -1,36 +1,84 @@
 """Incremental detokenization with stop strings.
 
-Decoding all output tokens again for every new token is O(length) per token. Instead each new token is decoded
-inside a small window of tokens: the window starts at the token where the previously released chunk began, so
-the decoded window = (text already released) + (new text). Decoding the window, not the new tokens alone, keeps
-the spacing right: SentencePiece decoders drop the leading space of the first token of a decode, and byte-level
-BPE needs the bytes of a character that spans tokens together. The chars of the window that precede the new
-text are measured once, when the window moves.
+Decoding all output tokens again for every new token costs O(length) per token. Instead each new token is decoded
+inside a short window of the latest tokens, and the new text is what the window's decode gained past the chars
+already accounted for (context or text released earlier). Decoding a window rather than the new tokens alone
+keeps the spacing right (SentencePiece decoders drop the leading space of a decode's first token, so the window
+starts a few tokens back; the first output token gets the prompt's last tokens as context) and keeps a character
+whose UTF-8 bytes span several tokens together.
 
-Text is released only when final:
-- never while the decoded window ends in U+FFFD (a multi-byte character whose remaining bytes are still to come).
-  After MAX_PENDING_TOKENS tokens that never complete a character the replacement characters are taken as final
-  (the model produced invalid UTF-8), which bounds the window;
-- never while the tail of the text could still be the beginning of a stop string.
+Text is final, and so released, only when
+- it is not part of the run of U+FFFD at the end of the decoded window: such a run may be a multi-byte character
+  whose remaining bytes are still to come (byte-level BPE turns the incomplete tail into U+FFFD; byte-fallback
+  decoders turn a whole run of byte tokens into U+FFFDs until every character in it is complete). Text before the
+  run is released at once, so a stream of emoji split across tokens still flows;
+- it cannot be the beginning of a stop string any more.
+
+The window moves up once it holds WINDOW_TOKENS tokens, to a start a few tokens back whose decode lines up with the
+current one (same text after at most 3 U+FFFD of a cut character, ending in the not-yet-released text), so the
+work per token is O(window) whatever the length. A stream that stays unreadable for MAX_WINDOW_TOKENS tokens is
+invalid UTF-8, not a character in progress: it is released as it decodes.
 
 Stop strings: the first stop string to be completed, reading the text left to right, wins (ties: the one that
-starts earliest). The text is cut before it (after it with include_stop_str_in_output), `.stopped` is set and
-`.stop_reason` is the stop string; later tokens are ignored.
+starts earliest, i.e. the longest). The text is cut before it (after it with include_stop_str_in_output),
+`.stopped` is set and `.stop_reason` is the stop string; later tokens are ignored. This is what a character-by-
+character scan finds, so it does not depend on how the text is split into tokens.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import weakref
+from typing import List, Optional, Sequence, Tuple
 
 REPLACEMENT = "\ufffd"
-CONTEXT_TOKENS = 5        # prompt tokens kept as left context, so the first output token decodes with its spacing
-MAX_PENDING_TOKENS = 8    # a character is at most 4 bytes: 8 tokens that never complete one are garbage, not pending
-CONTEXT_SEARCH = 4        # how much further back the context may start, to avoid starting inside a character
-WINDOW_TOKENS = 16        # the decode window is cut back to CONTEXT_TOKENS once it holds more than this
+CONTEXT_TOKENS = 5        # tokens of context before the new text (prompt tail at first), for spacing
+CONTEXT_SEARCH = 4        # how much further back a context may start, to find one that begins on a character
+WINDOW_TOKENS = 16        # the window moves up once it holds this many tokens
+MAX_WINDOW_TOKENS = 64    # ... and is forced to when it has held this many without a complete character
+MAX_CUT_CHAR = 3          # a context cut inside a character shows at most 3 continuation bytes as U+FFFD
+
+
+_TOKEN_TEXT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # tokenizer -> {id: text}
+
+
+def _anchor_id(tokenizer) -> Optional[int]:
+    """A plain token ("a") to decode before another, so that the other keeps its leading space."""
+    try:
+        ids = tokenizer.encode("a", add_special_tokens=False)
+    except Exception:
+        return None
+    return int(ids[-1]) if ids else None
 
 
 def decode_token(tokenizer, token_id: int) -> str:
-    """Text of one token on its own (for logprobs): special tokens kept, a partial UTF-8 byte shows as U+FFFD."""
-    return tokenizer.decode([int(token_id)], skip_special_tokens=False)
+    """Text of one token, as it reads after other text (for logprobs): special tokens kept, SentencePiece's "▁"
+    kept as a leading space (decoding the token alone would drop it), a partial UTF-8 byte as U+FFFD. Cached per
+    tokenizer."""
+    token_id = int(token_id)
+    try:
+        cache = _TOKEN_TEXT.setdefault(tokenizer, {})
+    except TypeError:                                 # not weak-referenceable / hashable: no cache
+        cache = {}
+    if token_id in cache:
+        return cache[token_id]
+    if "anchor" not in cache:
+        cache["anchor"] = _anchor_id(tokenizer)
+    anchor = cache["anchor"]
+    text = tokenizer.decode([token_id], skip_special_tokens=False)
+    if anchor is not None:
+        head = tokenizer.decode([anchor], skip_special_tokens=False)
+        both = tokenizer.decode([anchor, token_id], skip_special_tokens=False)
+        if both.startswith(head) and len(both) > len(head) and not head.endswith(REPLACEMENT):
+            text = both[len(head):]
+    cache[token_id] = text
+    return text
+
+
+def _trailing_replacements(s: str) -> int:
+    return len(s) - len(s.rstrip(REPLACEMENT))
+
+
+def _leading_replacements(s: str) -> int:
+    return len(s) - len(s.lstrip(REPLACEMENT))
 
 
 class IncrementalDetokenizer:
@@ -54,15 +102,13 @@ class IncrementalDetokenizer:
         self.include_stop = include_stop_str_in_output
         self.min_tokens = min_tokens
         self._max_stop = max((len(s) for s in self.stop), default=0)
-        # window state: tokens = context + output; the text of tokens[_window:_read] is already accounted for
-        # (context or released output) and is _window_prefix_len chars long
-        self._tokens: List[int] = [int(t) for t in list(prompt_token_ids)[-(CONTEXT_TOKENS + CONTEXT_SEARCH):]]
-        if self._tokens and self._decode(self._tokens).endswith(REPLACEMENT):
-            self._tokens = []     # the prompt ends inside a character: decode the output on its own
-        self._read = len(self._tokens)
-        self._window, self._window_prefix_len = self._context_start(0)
+        # decode window: the text of tokens[_window:] is decoded; its first _done chars are accounted for
+        # (context, or output text already taken)
+        self._tokens: List[int] = []
+        self._window, self._done = 0, 0
+        self._set_context([int(t) for t in list(prompt_token_ids)[-(CONTEXT_TOKENS + CONTEXT_SEARCH):]])
         self._num_output_tokens = 0
-        # text state: text = "".join(_released_chunks) + _unreleased; only _unreleased is ever cut
+        # text state: text = released_text + _unreleased; only _unreleased is ever cut (at a stop string)
         self._released_chunks: List[str] = []
         self._unreleased = ""
         self._text_cache: Optional[str] = ""
@@ -94,30 +140,54 @@ class IncrementalDetokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     # ------------------------------------------------------------------ decoding
-    def _context_start(self, lo: int):
-        """A window start for context ending at _read: CONTEXT_TOKENS back, moved further back (not before lo)
-        while the context would begin inside a multi-byte character, whose bytes would decode differently alone
-        (byte-fallback decoders turn a whole run of byte tokens into U+FFFDs when it starts mid-character)."""
-        start = max(lo, self._read - CONTEXT_TOKENS)
-        for s in range(start, max(lo, start - CONTEXT_SEARCH) - 1, -1):
-            ctx = self._decode(self._tokens[s:self._read])
-            if not ctx.startswith(REPLACEMENT):
-                return s, len(ctx)
-        return start, len(self._decode(self._tokens[start:self._read]))
+    def _set_context(self, tail: List[int]) -> None:
+        """Use the prompt's last tokens as context: from CONTEXT_TOKENS back (further back, up to CONTEXT_SEARCH,
+        if that start cuts a character), none if the prompt ends inside a character (the output is then decoded
+        on its own)."""
+        for start in range(max(0, len(tail) - CONTEXT_TOKENS), -1, -1):
+            ctx = self._decode(tail[start:])
+            junk = _leading_replacements(ctx)
+            if junk > MAX_CUT_CHAR or (junk and junk == len(ctx)):
+                continue
+            if not ctx.endswith(REPLACEMENT):
+                self._tokens, self._window, self._done = list(tail), start, len(ctx)
+            return
+
+    def _find_context(self, window_text: str, lo: int, pending: int) -> Optional[Tuple[int, int]]:
+        """A later window start whose decode lines up with window_text: (start, chars accounted in it), or None.
+
+        Lining up: after at most MAX_CUT_CHAR U+FFFD (bytes of a character cut by the start) the new decode is a
+        suffix of window_text, and that suffix covers the unaccounted text. A start whose leading U+FFFD run is
+        not followed by real text is refused: with byte-fallback decoders it can poison the bytes that follow.
+        pending: how many chars at the end of window_text are not accounted for."""
+        top = len(self._tokens) - CONTEXT_TOKENS
+        for start in range(top, max(lo + 1, top - CONTEXT_SEARCH) - 1, -1):
+            text = self._decode(self._tokens[start:])
+            junk = _leading_replacements(text)
+            rest = text[junk:]
+            if junk > MAX_CUT_CHAR or (junk and not rest) or len(rest) < pending:
+                continue
+            if window_text.endswith(rest):
+                return start, len(text) - pending
+        return None
 
     def _decode_new(self, force: bool = False) -> str:
-        """Decode the window and return its new final text: "" while it ends in an incomplete character."""
+        """Decode the window; return the text that became final (all of it when forced)."""
         window_text = self._decode(self._tokens[self._window:])
-        pending = len(self._tokens) - self._read
-        if not force and pending <= MAX_PENDING_TOKENS and window_text.endswith(REPLACEMENT):
-            return ""
-        new = window_text[self._window_prefix_len:]
-        self._read = len(self._tokens)
-        self._window_prefix_len = len(window_text)
-        if self._read - self._window > WINDOW_TOKENS:
-            # move the window up: _read is a point where the text was complete, so the new context decodes the
-            # same way now as it will with more tokens after it
-            self._window, self._window_prefix_len = self._context_start(self._window)
+        size = len(self._tokens) - self._window
+        if size > MAX_WINDOW_TOKENS:
+            force = True                              # unreadable for too long: invalid UTF-8, not pending
+        end = len(window_text) if force else len(window_text) - _trailing_replacements(window_text)
+        new = window_text[self._done:end] if end > self._done else ""
+        self._done = max(self._done, end)
+        if size >= WINDOW_TOKENS:
+            ctx = self._find_context(window_text, self._window, len(window_text) - self._done)
+            if ctx is not None:
+                self._window, self._done = ctx
+                del self._tokens[:self._window]           # tokens before the window are never decoded again
+                self._window = 0
+            elif size > MAX_WINDOW_TOKENS:
+                self._tokens, self._window, self._done = [], 0, 0   # start afresh (all text was taken)
         return new
 
     def add_tokens(self, token_ids: Sequence[int]) -> str:
@@ -184,6 +254,6 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """End of the sequence (length, EOS, abort): decode what is pending and release all text."""
-        if not self.stopped and self._read < len(self._tokens):
+        if not self.stopped:
             self._add_text(self._decode_new(force=True))
         return self._release(final=True)

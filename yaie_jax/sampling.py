@@ -18,13 +18,14 @@ applies, in this order (vLLM's order):
 Static flags keep the cheap cases cheap: an all-greedy batch compiles to an argmax (no noise, no sort); the sort
 behind the filters exists only when some row uses one; penalties and suppression only when some row needs them.
 
-Randomness: each row's key is fold_in(fold_in(K(seed), sample_index), step), where K(seed) is the threefry key
+Randomness: each row's key is threefry2x32(K(seed), (sample_index, step)), where K(seed) is the threefry key
 whose data is the seed's 64 bits [hi, lo] (= jax.random.PRNGKey(seed) for 0 <= seed < 2**32), sample_index is
-the sample's index among the request's n, and step is the number of tokens that sample has generated so far. The
-draw depends on nothing else (not the row's position, the batch size or the other rows), so the same seed and
-prompt give the same text whatever else is in the batch, and a preempted-and-recomputed sample redraws the same
-tokens. Requests without a seed get one derived from the engine seed and the request id (`row_seed`), which
-makes a whole engine run reproducible.
+the sample's index among the request's n, and step is the number of tokens that sample has generated so far; for
+sample 0 that is jax.random.fold_in(K(seed), step). The key is made on the host (`row_key_data`). The draw
+depends on nothing else (not the row's position, the batch size or the other rows), so the same seed and prompt
+give the same text whatever else is in the batch, and a preempted-and-recomputed sample redraws the same tokens.
+Requests without a seed get one derived from the engine seed and the request id (`row_seed`), which makes a whole
+engine run reproducible.
 
 Logprobs are log_softmax of the RAW model logits, before penalties, suppression, temperature and filters (what
 vLLM reports by default): they describe the model, not the sampler. `sampled_rank` is 1 + the number of tokens
@@ -100,53 +101,46 @@ def row_seed(params: SamplingParams, engine_seed: int, request_id: str) -> int:
     return zlib.crc32(f"{engine_seed}:{request_id}".encode())
 
 
-def request_seed(engine_seed: int, request_id: str) -> int:
-    """Seed of a request that did not give one (kept for callers of the earlier name)."""
-    return zlib.crc32(f"{engine_seed}:{request_id}".encode())
+_ROTATIONS = tuple(tuple((np.uint32(r), np.uint32(32 - r)) for r in rs) for rs in ((13, 15, 26, 6), (17, 29, 16, 24)))
+_PARITY = np.uint32(0x1BD11BDA)
+_INJECT = tuple(np.uint32(i) for i in range(1, 6))
 
 
-def seed_key_data(seed: int) -> Tuple[int, int]:
-    """Threefry key data [hi, lo] of a Python int seed taken modulo 2**64 (negative seeds wrap)."""
-    s = int(seed) % (1 << 64)
-    return s >> 32, s & 0xFFFFFFFF
-
-
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
-def _threefry2x32(k0, k1, x0, x1):
-    """Threefry-2x32 (20 rounds; Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11) on uint32
-    numpy arrays, bit-identical to JAX's threefry2x32 so host-made keys equal jax.random.fold_in's."""
-    def rotl(v, r):
-        return (v << np.uint32(r)) | (v >> np.uint32(32 - r))
-
-    ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
-    x0, x1 = x0 + ks[0], x1 + ks[1]
+def threefry2x32_np(k0, k1, x0, x1) -> Tuple[np.ndarray, np.ndarray]:
+    """Threefry-2x32, 20 rounds (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11), on uint32
+    numpy arrays (broadcast together): the block (x0, x1) encrypted under the key (k0, k1). Bit-identical to
+    JAX's threefry2x32, so keys made here equal jax.random.fold_in's."""
+    k0, k1, x0, x1 = np.broadcast_arrays(*(np.asarray(v, np.uint32) for v in (k0, k1, x0, x1)))
+    ks = (k0, k1, k0 ^ k1 ^ _PARITY)
+    x0, x1 = x0 + ks[0], x1 + ks[1]                 # fresh arrays: updated in place below
+    tmp = np.empty_like(x1)
     for block in range(5):
-        for r in _ROTATIONS[block % 2]:
-            x0 = x0 + x1
-            x1 = rotl(x1, r) ^ x0
-        x0 = x0 + ks[(block + 1) % 3]
-        x1 = x1 + ks[(block + 2) % 3] + np.uint32(block + 1)
+        for r, r_back in _ROTATIONS[block % 2]:
+            np.add(x0, x1, out=x0)
+            np.right_shift(x1, r_back, out=tmp)     # x1 = rotl(x1, r) ^ x0
+            np.left_shift(x1, r, out=x1)
+            np.bitwise_or(x1, tmp, out=x1)
+            np.bitwise_xor(x1, x0, out=x1)
+        np.add(x0, ks[(block + 1) % 3], out=x0)
+        np.add(x1, ks[(block + 2) % 3], out=x1)
+        np.add(x1, _INJECT[block], out=x1)
     return x0, x1
 
 
-def fold_in_np(key_data: np.ndarray, data) -> np.ndarray:
-    """jax.random.fold_in for threefry keys, vectorized on the host: key_data [..., 2] uint32, data uint32."""
-    key_data = np.asarray(key_data, np.uint32)
-    data = np.asarray(data, np.uint32)
-    with np.errstate(over="ignore"):
-        y0, y1 = _threefry2x32(key_data[..., 0], key_data[..., 1], np.zeros_like(data), data)
-    return np.stack([y0, y1], axis=-1).astype(np.uint32)
+def row_key_data(seeds, sample_indices, steps) -> np.ndarray:
+    """[..., 2] uint32 row keys (arguments broadcast together): threefry2x32(K(seed), (sample_index, step)).
 
-
-def row_key_data(seeds: Sequence[int], sample_indices: Sequence[int], steps: Sequence[int]) -> np.ndarray:
-    """[len(seeds), 2] uint32: fold_in(fold_in(K(seed), sample_index), step) per row, computed on the host so the
-    device program holds a single threefry (for the noise) instead of three: cheaper to compile."""
-    s64 = np.array([int(s) & 0xFFFFFFFFFFFFFFFF for s in seeds], np.uint64)     # modulo 2**64
-    base = np.stack([(s64 >> np.uint64(32)).astype(np.uint32), (s64 & np.uint64(0xFFFFFFFF)).astype(np.uint32)], -1)
-    return fold_in_np(fold_in_np(base, np.asarray(sample_indices, np.int64).astype(np.uint32)),
-                      np.asarray(steps, np.int64).astype(np.uint32))
+    For sample 0 this is exactly jax.random.fold_in(jax.random.PRNGKey(seed), step) (seed < 2**32); other samples
+    of the same request use other counter blocks. Made on the host (one vectorized threefry, ~0.3 ms for any
+    batch) so the device program holds a single threefry, for the noise: cheaper to compile."""
+    flat = np.asarray(seeds, dtype=object)
+    s64 = np.asarray([int(s) & 0xFFFFFFFFFFFFFFFF for s in flat.ravel()], np.uint64).reshape(flat.shape)
+    hi = (s64 >> np.uint64(32)).astype(np.uint32)
+    lo = (s64 & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    idx = np.asarray(sample_indices, np.int64).astype(np.uint32)
+    step = np.asarray(steps, np.int64).astype(np.uint32)
+    y0, y1 = threefry2x32_np(hi, lo, idx, step)
+    return np.stack([y0, y1], axis=-1)
 
 
 def _uses_filters(p: SamplingParams) -> bool:
@@ -157,12 +151,19 @@ def _uses_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
+def _column(values, S: int, fill, dtype) -> np.ndarray:
+    out = np.full(S, fill, dtype)
+    out[:len(values)] = values
+    return out
+
+
 def make_sampling_batch(params_list: Sequence[SamplingParams], *, pad_to: int,
                         seeds: Sequence[int], steps: Sequence[int],
                         sample_indices: Optional[Sequence[int]] = None,
                         token_ids: Optional[Sequence[Sequence[int]]] = None,
                         num_prompt_tokens: Optional[Sequence[int]] = None,
-                        eos_token_ids: Sequence[int] = ()) -> Tuple[SamplingBatch, SamplingFlags]:
+                        eos_token_ids: Sequence[int] = (),
+                        num_steps: int = 1) -> Tuple[SamplingBatch, SamplingFlags]:
     """Build the per-row arrays for one step (host, numpy only).
 
     Row i (i < len(params_list)) samples with params_list[i]; rows i >= len(params_list) up to pad_to are padding.
@@ -171,43 +172,50 @@ def make_sampling_batch(params_list: Sequence[SamplingParams], *, pad_to: int,
     token_ids[i] / num_prompt_tokens[i]: the row's prompt + output tokens and how many are prompt; needed only
     when some row uses a penalty. eos_token_ids: suppressed (with the row's stop_token_ids) while
     steps[i] < min_tokens, unless ignore_eos.
+
+    num_steps > 1: the batches of num_steps consecutive decode steps (step j draws as if steps[i] + j tokens had
+    been generated), every field stacked on a leading [num_steps] axis, for fused multi-step decoding; equal to
+    stacking num_steps single-step batches, minus the host time. Penalties cannot be fused (the tokens drawn inside
+    the fused call are not known here): ValueError.
     """
     S = int(pad_to)
     n = len(params_list)
     if n > S:
         raise ValueError(f"pad_to={S} is smaller than the number of rows ({n})")
-    temperature = np.zeros(S, np.float32)                  # [S]; padding rows are greedy
-    top_k = np.zeros(S, np.int32)                          # [S]
-    top_p = np.ones(S, np.float32)                         # [S]
-    min_p = np.zeros(S, np.float32)                        # [S]
-    rep = np.ones(S, np.float32)                           # [S]
-    pres = np.zeros(S, np.float32)                         # [S]
-    freq = np.zeros(S, np.float32)                         # [S]
-    key_data = np.zeros((S, 2), np.uint32)                 # [S, 2]
-    suppress_lists = []
-    any_filters = any_pen = False
-    max_logprobs = 0
-    for i, p in enumerate(params_list):
-        temperature[i] = p.temperature
-        if _uses_filters(p):                               # filters only matter for sampled rows
-            any_filters = True
-            top_k[i], top_p[i], min_p[i] = p.top_k, p.top_p, p.min_p
-        if _uses_penalties(p):
-            any_pen = True
-            rep[i], pres[i], freq[i] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
-        ids = []
-        if steps[i] < p.min_tokens:
-            ids = list(dict.fromkeys(list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))))
-        suppress_lists.append(ids)
-        if p.logprobs is not None:
-            max_logprobs = max(max_logprobs, p.logprobs)
+    ps = params_list
+    sampled = [p.temperature > 0 for p in ps]
+    filt = [_uses_filters(p) for p in ps]
+    pen = [_uses_penalties(p) for p in ps]
+    any_filters, any_pen = any(filt), any(pen)
+    if any_pen and num_steps > 1:
+        raise ValueError("penalties cannot be applied in fused multi-step decoding (num_steps > 1)")
+    temperature = _column([p.temperature for p in ps], S, 0.0, np.float32)                   # [S]; pad: greedy
+    # filters are moot for greedy rows; leaving them off there keeps the sort out of all-greedy-filter batches
+    top_k = _column([p.top_k if f else 0 for p, f in zip(ps, filt)], S, 0, np.int32)          # [S]
+    top_p = _column([p.top_p if f else 1.0 for p, f in zip(ps, filt)], S, 1.0, np.float32)    # [S]
+    min_p = _column([p.min_p if f else 0.0 for p, f in zip(ps, filt)], S, 0.0, np.float32)    # [S]
+    rep = _column([p.repetition_penalty for p in ps], S, 1.0, np.float32)                     # [S]
+    pres = _column([p.presence_penalty for p in ps], S, 0.0, np.float32)                      # [S]
+    freq = _column([p.frequency_penalty for p in ps], S, 0.0, np.float32)                     # [S]
+    steps_list = [int(x) for x in steps[:n]]
+    idx_list = [0] * n if sample_indices is None else [int(x) for x in sample_indices[:n]]
+    key_data = np.zeros((num_steps, S, 2), np.uint32)                                         # [num_steps, S, 2]
     if n:
-        key_data[:n] = row_key_data(seeds[:n], [0] * n if sample_indices is None else sample_indices[:n], steps[:n])
-    any_suppress = any(suppress_lists)
-    K = _bucket(max(len(x) for x in suppress_lists), 4) if any_suppress else 0
-    suppress = np.full((S, K), -1, np.int32)               # [S, K]
-    for i, ids in enumerate(suppress_lists):
-        suppress[i, :len(ids)] = ids
+        offsets = np.arange(num_steps, dtype=np.int64)[:, None]                                # [num_steps, 1]
+        key_data[:, :n] = row_key_data(list(seeds[:n]), np.asarray(idx_list, np.int64)[None, :],
+                                       np.asarray(steps_list, np.int64)[None, :] + offsets)
+    # min_tokens: rows still short of it suppress their stop ids (and EOS unless ignore_eos) for a few steps
+    suppressing = []                                       # (row, ids, number of steps it applies to)
+    for i, p in enumerate(ps):
+        if steps_list[i] < p.min_tokens:
+            ids = list(dict.fromkeys(list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))))
+            if ids:
+                suppressing.append((i, ids, min(num_steps, p.min_tokens - steps_list[i])))
+    any_suppress = bool(suppressing)
+    K = _bucket(max(len(ids) for _, ids, _ in suppressing), 4) if any_suppress else 0
+    suppress = np.full((num_steps, S, K), -1, np.int32)                                       # [num_steps, S, K]
+    for i, ids, until in suppressing:
+        suppress[:until, i, :len(ids)] = ids
     if any_pen:
         if token_ids is None or num_prompt_tokens is None:
             raise ValueError("penalties need token_ids and num_prompt_tokens for every row")
@@ -218,33 +226,41 @@ def make_sampling_batch(params_list: Sequence[SamplingParams], *, pad_to: int,
     is_out = np.zeros((S, L), bool)                        # [S, L]
     if any_pen:
         for i in range(n):
-            if not _uses_penalties(params_list[i]):
+            if not pen[i]:
                 continue                                   # its penalties are neutral; save the copy
             toks = token_ids[i]
             prev[i, :len(toks)] = toks
             is_out[i, num_prompt_tokens[i]:len(toks)] = True
-    batch = SamplingBatch(temperature, top_k, top_p, min_p, rep, pres, freq, key_data, suppress, prev, is_out)
-    flags = SamplingFlags(all_greedy=bool(np.all(temperature[:n] == 0)), any_filters=any_filters,
-                          any_penalties=any_pen, any_suppress=bool(any_suppress),
-                          num_logprobs=logprobs_bucket(max_logprobs))
+    max_logprobs = max((p.logprobs for p in ps if p.logprobs is not None), default=0)
+    flags = SamplingFlags(all_greedy=not any(sampled), any_filters=any_filters, any_penalties=any_pen,
+                          any_suppress=any_suppress, num_logprobs=logprobs_bucket(max_logprobs))
+    if num_steps == 1:
+        batch = SamplingBatch(temperature, top_k, top_p, min_p, rep, pres, freq, key_data[0], suppress[0], prev,
+                              is_out)
+    else:
+        def stack(a):
+            return np.ascontiguousarray(np.broadcast_to(a, (num_steps,) + a.shape))
+        batch = SamplingBatch(stack(temperature), stack(top_k), stack(top_p), stack(min_p), stack(rep),
+                              stack(pres), stack(freq), key_data, suppress, stack(prev), stack(is_out))
     return batch, flags
 
 
 def build_sampling_batch(rows, *, pad_to: int, eos_token_ids: Sequence[int], engine_seed: int,
-                         vocab_size: Optional[int] = None) -> Tuple[SamplingBatch, SamplingFlags]:
+                         vocab_size: Optional[int] = None, num_steps: int = 1) -> Tuple[SamplingBatch, SamplingFlags]:
     """Adapter for the engine. rows: (sequence, SamplingParams) per step row, in row order; a sequence has
     `.request.request_id`, `.index`, `.token_ids`, `.num_prompt_tokens`, `.num_output_tokens`.
-    vocab_size is accepted for the caller's convenience and not needed."""
+    num_steps: see `make_sampling_batch`. vocab_size is accepted for the caller's convenience and not needed."""
     seqs = [s for s, _ in rows]
     params = [p for _, p in rows]
+    need_tokens = any(_uses_penalties(p) for p in params)
     return make_sampling_batch(
         params, pad_to=pad_to,
         seeds=[row_seed(p, engine_seed, s.request.request_id) for s, p in rows],
         steps=[s.num_output_tokens for s in seqs],
         sample_indices=[s.index for s in seqs],
-        token_ids=[s.token_ids for s in seqs],
-        num_prompt_tokens=[s.num_prompt_tokens for s in seqs],
-        eos_token_ids=eos_token_ids)
+        token_ids=[s.token_ids for s in seqs] if need_tokens else None,
+        num_prompt_tokens=[s.num_prompt_tokens for s in seqs] if need_tokens else None,
+        eos_token_ids=eos_token_ids, num_steps=num_steps)
 
 
 # -------------------------------------------------------------------------------------------------- device side
@@ -341,4 +357,4 @@ def sample(logits: jax.Array, batch: SamplingBatch, *, flags: SamplingFlags,
 
 __all__ = ["SamplingBatch", "SamplingFlags", "SampleResult", "make_sampling_batch", "build_sampling_batch",
            "sample", "apply_penalties", "suppress_tokens", "filter_mask", "row_keys", "row_seed",
-           "seed_key_data", "row_key_data", "fold_in_np", "logprobs_bucket"]
+           "row_key_data", "threefry2x32_np", "logprobs_bucket"]

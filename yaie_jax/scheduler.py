@@ -284,13 +284,8 @@ class Scheduler:
                     or seq.num_output_tokens < p.min_tokens
                     or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0):
                 return None
-        need = 0
-        for seq in self.running:
-            s = self.bm.seqs[seq.seq_id]
-            need += -(-(s.num_tokens + k) // self.bm.block_size) - len(s.blocks)
-            if s.num_tokens % self.bm.block_size and self.bm.pool.refcount[s.blocks[-1]] > 1:
-                need += 1
-        if need > self.bm.num_free_gpu_blocks + self.bm.num_evictable_gpu_blocks:
+        need = sum(self.bm.num_blocks_needed(seq.seq_id, k) for seq in self.running)
+        if need > self.bm.num_available_gpu_blocks:
             return None
         for seq in sorted(self.running, key=self._key):
             slots, copies = self.bm.append_slots(seq.seq_id, k)

@@ -1,5 +1,9 @@
-"""Model families (GPT-2, Llama) and their loaders."""
-from .config import ModelConfig
-from .loader import load_model, save_model
+"""Model families (GPT-2, Llama) and their loaders.
 
-__all__ = ["ModelConfig", "load_model", "save_model"]
+`load_model(source, dtype)` -> a model implementing models/base.py; `load_model_config(source)` -> ModelConfig;
+`save_model(model, path, tokenizer=None)` writes the fast-path directory `load_model` reads.
+"""
+from .config import ModelConfig
+from .loader import load_model, load_model_config, save_model
+
+__all__ = ["ModelConfig", "load_model", "load_model_config", "save_model"]

@@ -1,12 +1,24 @@
 """GPT-2 family in Flax (linen), numerically matching HF transformers' GPT2LMHeadModel.
 
-Config-driven for every GPT-2 size (layers, width, heads, positions, vocab); tied LM head; gelu_new (or exact
-gelu); HF's layer-norm epsilon. Attention is the callable of models/base.py, so the engine plugs in paged KV and
-Pallas kernels without touching this file. Layers are a Python loop (one params dict per layer, `h_0` ...), which
-keeps per-layer KV cache arrays separate (see DESIGN.md: a scan over stacked layers copied the cache).
+Contract (models/base.py): `GPT2ForCausalLM(config, params)` with `.config`, `.params` (numpy on the host after
+loading), `apply_hidden` / `apply_logits` (pure, jittable, differentiable functions of `params`) and `logits`
+(jitted full-sequence scoring). Family interface used by the registry and loader: `config_from_hf(dict)`,
+`params_from_hf(state_dict, config)` and the model class.
 
-Params: {"wte": {"embedding" [V, D]}, "wpe": {"embedding" [P, D]}, "h_i": {"ln_1", "attn_qkv", "attn_out",
-"ln_2", "mlp_fc", "mlp_proj"}, "ln_f"}; Dense kernels are [in, out] like HF's Conv1D weights.
+Config-driven for every GPT-2 size (layers, width, heads, positions, vocab, n_inner); tied LM head (an untied
+`lm_head.weight` is used when the config says so); gelu_new (or exact gelu); HF's `layer_norm_epsilon`. HF options
+we do not implement raise ValueError instead of silently computing something else.
+
+Attention is the callable of models/base.py, so the engine plugs in paged KV and Pallas kernels without touching
+this file. Layers are a Python loop with one params dict per layer (`h_0` ...), which keeps per-layer KV cache
+arrays separate (DESIGN.md: a scan over stacked layers copied the cache).
+
+Params: {"wte": {"embedding" [V, D]}, "wpe": {"embedding" [P, D]},
+         "h_i": {"ln_1", "ln_2": {"scale" [D], "bias" [D]},
+                 "attn_qkv": {"kernel" [D, 3D], "bias" [3D]}, "attn_out": {"kernel" [D, D], "bias" [D]},
+                 "mlp_fc": {"kernel" [D, F], "bias" [F]}, "mlp_proj": {"kernel" [F, D], "bias" [D]}},
+         "ln_f": {"scale", "bias"}, "lm_head": {"kernel" [D, V]} (untied only)}.
+Dense kernels are [in, out], the layout of HF's Conv1D weights, so conversion is a rename.
 """
 from __future__ import annotations
 
@@ -21,65 +33,82 @@ import numpy as np
 from .attention_dense import dense_causal_attention
 from .config import ModelConfig
 
-UNSUPPORTED = {
-    # HF option: value that we support (anything else raises)
+# HF GPT-2 option -> the only value we implement (anything else raises rather than silently differs)
+REQUIRED_VALUES = {
     "reorder_and_upcast_attn": False,
     "scale_attn_by_inverse_layer_idx": False,
     "scale_attn_weights": True,
     "add_cross_attention": False,
+    "is_encoder_decoder": False,
 }
+# HF activation_function -> ours. gelu_pytorch_tanh is the same tanh approximation as gelu_new.
 ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
     """ModelConfig from a HF GPT-2 config.json dict; raises ValueError for options we would silently get wrong."""
-    for key, ok in UNSUPPORTED.items():
-        if key in hf and hf[key] != ok:
+    for key, ok in REQUIRED_VALUES.items():
+        if hf.get(key, ok) != ok:
             raise ValueError(f"unsupported GPT-2 option {key}={hf[key]!r} (yaie_jax supports only {ok!r})")
     act = hf.get("activation_function", "gelu_new")
     if act not in ACTIVATIONS:
-        raise ValueError(f"unsupported GPT-2 activation_function={act!r} (supported: {sorted(ACTIVATIONS)})")
-    d = hf.get("n_embd", 768)
-    heads = hf.get("n_head", 12)
+        raise ValueError(f"unsupported GPT-2 activation_function={act!r} (supported: {', '.join(ACTIVATIONS)})")
+    d = int(hf.get("n_embd", 768))
+    heads = int(hf.get("n_head", 12))
     if d % heads:
-        raise ValueError(f"n_embd={d} is not divisible by n_head={heads}")
+        raise ValueError(f"GPT-2 n_embd={d} is not divisible by n_head={heads}")
     return ModelConfig(
-        arch="gpt2", vocab_size=hf.get("vocab_size", 50257), hidden_size=d, num_layers=hf.get("n_layer", 12),
+        arch="gpt2", vocab_size=int(hf.get("vocab_size", 50257)), hidden_size=d, num_layers=int(hf.get("n_layer", 12)),
         num_heads=heads, num_kv_heads=heads, head_dim=d // heads,
-        intermediate_size=hf.get("n_inner") or 4 * d, max_position_embeddings=hf.get("n_positions", 1024),
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_word_embeddings=True, activation=ACTIVATIONS[act],
+        intermediate_size=int(hf.get("n_inner") or 4 * d), max_position_embeddings=int(hf.get("n_positions", 1024)),
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)), activation=ACTIVATIONS[act],
         bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
 
 
 def params_from_hf(sd: Dict[str, np.ndarray], cfg: ModelConfig) -> dict:
-    """HF GPT-2 state dict (numpy) -> our params pytree. Accepts names with or without the `transformer.` prefix."""
-    sd = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in sd.items()}
+    """HF GPT-2 state dict (numpy) -> our params pytree (same arrays, renamed; shapes checked against `cfg`).
 
-    def get(name):
+    Accepts names with the `transformer.` prefix (GPT2LMHeadModel) or without it (GPT2Model, the original hub
+    checkpoints); ignores the causal-mask buffers (`attn.bias`, `attn.masked_bias`) of old checkpoints."""
+    sd = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in sd.items()}
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+
+    def get(name, shape):
         if name not in sd:
-            raise KeyError(f"checkpoint is missing tensor {name!r}")
-        return np.asarray(sd[name])
+            raise KeyError(f"GPT-2 checkpoint is missing tensor {name!r}")
+        a = np.asarray(sd[name])
+        if a.shape != shape:
+            raise ValueError(f"GPT-2 tensor {name!r} has shape {a.shape}, config says {shape}")
+        return a
 
     def ln(prefix):
-        return {"scale": get(prefix + ".weight"), "bias": get(prefix + ".bias")}
+        return {"scale": get(prefix + ".weight", (D,)), "bias": get(prefix + ".bias", (D,))}
 
-    def dense(prefix):  # HF Conv1D stores [in, out], as flax does
-        return {"kernel": get(prefix + ".weight"), "bias": get(prefix + ".bias")}
+    def dense(prefix, n_in, n_out):  # HF Conv1D stores [in, out], as our kernels do
+        return {"kernel": get(prefix + ".weight", (n_in, n_out)), "bias": get(prefix + ".bias", (n_out,))}
 
-    params = {"wte": {"embedding": get("wte.weight")}, "wpe": {"embedding": get("wpe.weight")},
+    params = {"wte": {"embedding": get("wte.weight", (V, D))},
+              "wpe": {"embedding": get("wpe.weight", (cfg.max_position_embeddings, D))},
               "ln_f": ln("ln_f")}
     for i in range(cfg.num_layers):
         p = f"h.{i}"
-        params[f"h_{i}"] = {"ln_1": ln(p + ".ln_1"), "attn_qkv": dense(p + ".attn.c_attn"),
-                            "attn_out": dense(p + ".attn.c_proj"), "ln_2": ln(p + ".ln_2"),
-                            "mlp_fc": dense(p + ".mlp.c_fc"), "mlp_proj": dense(p + ".mlp.c_proj")}
+        params[f"h_{i}"] = {"ln_1": ln(p + ".ln_1"), "attn_qkv": dense(p + ".attn.c_attn", D, 3 * D),
+                            "attn_out": dense(p + ".attn.c_proj", D, D), "ln_2": ln(p + ".ln_2"),
+                            "mlp_fc": dense(p + ".mlp.c_fc", D, F), "mlp_proj": dense(p + ".mlp.c_proj", F, D)}
+    if f"h.{cfg.num_layers}.ln_1.weight" in sd:
+        raise ValueError(f"GPT-2 checkpoint has more layers than its config's n_layer={cfg.num_layers}")
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"kernel": get("lm_head.weight", (V, D)).T}    # HF Linear [V, D] -> [D, V]
     return params
 
 
-def _activation(name: str):
-    if name == "gelu_new":
+def activation_fn(name: str):
+    if name == "gelu_new":  # HF gelu_new: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
         return functools.partial(jax.nn.gelu, approximate=True)
-    return functools.partial(jax.nn.gelu, approximate=False)
+    if name == "gelu":      # exact erf GELU (torch.nn.functional.gelu)
+        return functools.partial(jax.nn.gelu, approximate=False)
+    raise ValueError(f"unsupported GPT-2 activation {name!r}")
 
 
 class LayerNorm(nn.Module):
@@ -93,12 +122,13 @@ class LayerNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (d,))
         xf = x.astype(jnp.float32)
         mean = xf.mean(-1, keepdims=True)
-        var = ((xf - mean) ** 2).mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)     # biased variance, like torch
         y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
 class Dense(nn.Module):
+    """x @ kernel + bias, kernel [in, out], computed in the activation dtype."""
     features: int
 
     @nn.compact
@@ -106,6 +136,16 @@ class Dense(nn.Module):
         kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         return jnp.dot(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)
+
+
+class LMHead(nn.Module):
+    """Untied LM head: [..., D] @ kernel [D, V] -> float32 [..., V], accumulated in float32."""
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features))
+        return jnp.einsum("...d,dv->...v", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 class GPT2Block(nn.Module):
@@ -116,13 +156,13 @@ class GPT2Block(nn.Module):
         cfg = self.cfg
         lead = x.shape[:-1]
         h = LayerNorm(cfg.norm_eps, name="ln_1")(x)
-        qkv = Dense(3 * cfg.hidden_size, name="attn_qkv")(h)                     # [*lead, 3D]
-        q, k, v = jnp.split(qkv, 3, axis=-1)
-        heads = lambda t: t.reshape(*lead, cfg.num_heads, cfg.head_dim)          # [*lead, H, Dh]
-        a, kv_cache = attention(layer_idx, heads(q), heads(k), heads(v), kv_cache)
-        x = x + Dense(cfg.hidden_size, name="attn_out")(a.reshape(*lead, cfg.hidden_size))
+        qkv = Dense(3 * cfg.hidden_size, name="attn_qkv")(h)                      # [*lead, 3D]
+        q, k, v = jnp.split(qkv, 3, axis=-1)                                      # HF order: q | k | v
+        heads = lambda t: t.reshape(*lead, cfg.num_heads, cfg.head_dim)           # [*lead, H, Dh]
+        a, kv_cache = attention(layer_idx, heads(q), heads(k), heads(v), kv_cache)  # [*lead, H, Dh]
+        x = x + Dense(cfg.hidden_size, name="attn_out")(a.reshape(*lead, cfg.hidden_size).astype(x.dtype))
         h = LayerNorm(cfg.norm_eps, name="ln_2")(x)
-        h = _activation(cfg.activation)(Dense(cfg.intermediate_size, name="mlp_fc")(h))
+        h = activation_fn(cfg.activation)(Dense(cfg.intermediate_size, name="mlp_fc")(h))  # [*lead, F]
         x = x + Dense(cfg.hidden_size, name="mlp_proj")(h)
         return x, kv_cache
 
@@ -136,26 +176,36 @@ class GPT2Module(nn.Module):
         self.wpe = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="wpe")
         self.blocks = [GPT2Block(cfg, name=f"h_{i}") for i in range(cfg.num_layers)]
         self.ln_f = LayerNorm(cfg.norm_eps, name="ln_f")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = LMHead(cfg.vocab_size, name="lm_head")
 
     def __call__(self, input_ids, positions, attention, kv_caches):
         dtype = self.wte.embedding.dtype
         x = (jnp.take(self.wte.embedding, input_ids, axis=0)
-             + jnp.take(self.wpe.embedding, positions, axis=0)).astype(dtype)   # [*lead, D]
+             + jnp.take(self.wpe.embedding, positions, axis=0)).astype(dtype)    # [*lead, D]
         new_caches = None if kv_caches is None else []
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.blocks):  # unrolled on purpose: per-layer caches stay separate arrays
             x, c = block(x, i, attention, None if kv_caches is None else kv_caches[i])
             if new_caches is not None:
                 new_caches.append(c)
-        return self.ln_f(x), new_caches
+        x = self.ln_f(x)
+        if self.is_initializing() and not self.cfg.tie_word_embeddings:
+            self.lm_head(x)  # create the untied head's params during `init`
+        return x, new_caches
 
     def logits(self, hidden):
-        # tied LM head: [..., D] @ [V, D]^T, accumulated and returned in float32
-        return jnp.einsum("...d,vd->...v", hidden, self.wte.embedding.astype(hidden.dtype),
-                          preferred_element_type=jnp.float32)
+        # LM head: [..., D] -> float32 [..., V], products accumulated in float32
+        if self.cfg.tie_word_embeddings:
+            w = self.wte.embedding                                                # [V, D]
+            return jnp.einsum("...d,vd->...v", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        return self.lm_head(hidden)
 
 
 class CausalLMBase:
-    """Shared wrapper: a Flax module + host params, implementing the models/base.py contract."""
+    """A Flax module + host params implementing the models/base.py contract (shared by GPT-2 and Llama).
+
+    `logits` keeps one device copy of `params` (made on first use, remade when `.params` is replaced), so repeated
+    scoring calls do not re-upload the weights."""
     module_cls = None
 
     def __init__(self, config: ModelConfig, params: Optional[dict] = None):
@@ -163,29 +213,45 @@ class CausalLMBase:
         self.module = self.module_cls(config)
         self.params = params
         self._logits_jit = jax.jit(self._full_logits)
+        self._device_params = None
+        self._device_params_of = None  # the host pytree `_device_params` was made from
 
     def init_params(self, seed: int = 0, dtype=jnp.float32) -> dict:
+        """Random params of this config (numpy), e.g. for tests and shape inspection."""
         ids = jnp.zeros((1, 2), jnp.int32)
         variables = self.module.init(jax.random.PRNGKey(seed), ids, jnp.zeros_like(ids),
                                      dense_causal_attention(), None)
         return jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=dtype), variables["params"])
 
     def apply_hidden(self, params, input_ids, positions, attention, kv_caches):
+        """(input_ids, positions int [*lead]) -> (final-norm hidden [*lead, D], updated kv_caches)."""
         return self.module.apply({"params": params}, input_ids, positions, attention, kv_caches)
 
     def apply_logits(self, params, hidden):
+        """hidden [..., D] -> float32 logits [..., V]."""
         return self.module.apply({"params": params}, hidden, method=self.module_cls.logits)
 
     def _full_logits(self, params, input_ids, mask):
         B, S = input_ids.shape
-        positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))      # [B, S]
         hidden, _ = self.apply_hidden(params, input_ids, positions, dense_causal_attention(mask), None)
-        return self.apply_logits(params, hidden)
+        return self.apply_logits(params, hidden)                                  # [B, S, V] float32
 
     def logits(self, input_ids: np.ndarray, attention_mask: Optional[np.ndarray] = None) -> np.ndarray:
-        ids = jnp.asarray(np.asarray(input_ids, dtype=np.int32))
-        mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-        return np.asarray(self._logits_jit(self.params, ids, mask), dtype=np.float32)
+        """Full-sequence scoring: int [B, S] (right-padded, `attention_mask` 1 = real token) -> float32 numpy
+        [B, S, V]. Rows at padded positions are meaningless. Compiles once per (B, S)."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+        if ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
+        if self._device_params is None or self._device_params_of is not self.params:
+            self._device_params = jax.device_put(self.params)
+            self._device_params_of = self.params
+        out = self._logits_jit(self._device_params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask))
+        return np.asarray(out, dtype=np.float32)
 
 
 class GPT2ForCausalLM(CausalLMBase):

@@ -1,1 +1,19 @@
-"""OpenAI-compatible HTTP server (FastAPI): app factory, protocol schemas, auth and limits, metrics."""
+"""OpenAI-compatible HTTP server (FastAPI).
+
+    app.py       create_app(async_engine, settings): routes, SSE streaming, errors in OpenAI's shape
+    protocol.py  pydantic request schemas -> SamplingParams; validation errors -> 400 with `param`
+    auth.py      API keys (constant-time), per-key token-bucket rate limit, body-size limit (ASGI middleware)
+    metrics.py   Prometheus metrics (`yaie:` names), one CollectorRegistry per app
+    logging.py   one structlog JSON line per finished request
+
+Run it with `python -m yaie_jax.serve` or `yaie serve MODEL`.
+"""
+
+
+def create_app(*args, **kwargs):
+    """See `yaie_jax.server.app.create_app` (imported lazily: FastAPI is only needed when serving)."""
+    from .app import create_app as _create_app
+    return _create_app(*args, **kwargs)
+
+
+__all__ = ["create_app"]

@@ -1,414 +1,787 @@
 """FastAPI app: OpenAI-compatible completions and chat (streaming and not), models, health, metrics, tokenize.
 
-`create_app(async_engine, settings)` builds the app around a running AsyncEngine. Errors always have OpenAI's
-shape {"error": {"message", "type", "param", "code"}}; bad input is a 4xx, never a 500.
+`create_app(async_engine, settings)` builds an app around an `AsyncEngine` (started on app start-up, drained
+on shutdown when `manage_engine`). Contracts:
+- Errors always have OpenAI's shape {"error": {"message", "type", "param", "code"}}. Bad input is a 4xx with
+  `type: invalid_request_error` and `param` when one parameter is at fault; prompt + max_tokens beyond the
+  model length is 400 `code: context_length_exceeded`; an unknown model is 404 `model_not_found`. A 5xx means
+  the server is at fault (engine loop dead: 503; a bug: 500), never the input.
+- Streaming answers are Server-Sent Events in OpenAI's format: `data: {chunk}` lines, the first chat chunk of
+  each choice carries `delta.role`, `finish_reason` is set only on the last chunk of each choice, usage (with
+  `stream_options.include_usage`) comes in a final chunk with empty `choices`, then `data: [DONE]`.
+  Concatenating the deltas gives exactly the non-streamed text.
+- A client that disconnects (streaming or not) aborts its engine requests, which frees their KV blocks.
+- Queue full or draining: 503 with `Retry-After`. Rate limited: 429 with `Retry-After` (see auth.py).
+- Choices of a multi-prompt completion are numbered prompt_index * n + sample_index (vLLM's convention).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import sys
 import time
 import uuid
-from typing import AsyncIterator, Dict, List, Optional, Tuple
+from functools import partial
+from typing import Any, AsyncIterator, List, Optional, Sequence, Tuple, Union
 
-import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from prometheus_client import generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
-from ..async_engine import AsyncEngine, EngineDeadError
-from ..outputs import RequestOutput
-from ..sampling_params import SamplingParams
-from ..tokenizer import apply_chat_template
-from .auth import ApiKeys, RateLimiter, extract_key
-from .metrics import Metrics
-from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
-                       TokenizeRequest)
+from ..async_engine import AsyncEngine, EngineDeadError, EngineUnavailableError, RequestStream
+from ..outputs import CompletionOutput, RequestOutput
+from ..settings import ServerSettings
+from .auth import APIKeys, AuthRateLimitMiddleware, RateLimiter
+from .logging import RequestLog
+from .metrics import ServerMetrics
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                       parse_request)
 
-log = structlog.get_logger("yaie_jax.requests")
+logger = logging.getLogger("yaie_jax.server")
 
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
-                 code: Optional[str] = None, headers: Optional[Dict[str, str]] = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code, self.headers = \
-            status, message, type_, param, code, headers
+LOGPROB_FLOOR = -9999.0      # JSON has no -inf: clamp like vLLM
 
 
-def error_json(status: int, message: str, type_: str, param=None, code=None, headers=None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status, headers=headers)
+# ------------------------------------------------------------------------------------------------ helpers
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-def sampling_params_from(body: SamplingFields, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+def _json(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def sse(obj: Any) -> str:
+    return f"data: {_json(obj)}\n\n"
+
+
+def _lp(v: Optional[float]) -> float:
+    if v is None or v != v:
+        return LOGPROB_FLOOR
+    return max(float(v), LOGPROB_FLOOR)
+
+
+class SSEResponse(StreamingResponse):
+    """A streaming response that always watches for the client's disconnect and then cancels the body iterator
+    (whose `finally` aborts the engine requests), whatever ASGI spec version the server announces."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content, *, on_close=None, **kw):
+        super().__init__(content, **kw)
+        self.on_close = on_close       # runs however the response ends, even if the body never started
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            if self.on_close is not None:
+                self.on_close()
+
+    async def _serve(self, scope, receive, send) -> None:
+        async def stream() -> None:
+            await self.stream_response(send)
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+
+        tasks = [asyncio.ensure_future(stream()), asyncio.ensure_future(watch())]
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+            for t in tasks:
+                with contextlib.suppress(BaseException):
+                    await t
+        for t in done:
+            if t is tasks[0] and t.exception() is not None and not isinstance(t.exception(), OSError):
+                raise t.exception()
+
+
+def _abort_all(streams: List[RequestStream]) -> None:
+    for s in streams:
+        s.abort()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def run_unless_disconnected(request: Request, coro):
+    """Run `coro`; if the client disconnects first, cancel it (its cleanup aborts engine requests)."""
+    task = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        seed = body.seed
-        if seed is not None:
-            seed = seed & 0xFFFFFFFF
-        return SamplingParams(
-            n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-            repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty, seed=seed, max_tokens=max_tokens,
-            min_tokens=body.min_tokens, stop=body.stop, stop_token_ids=body.stop_token_ids,
-            ignore_eos=body.ignore_eos, logprobs=logprobs, skip_special_tokens=body.skip_special_tokens,
-            include_stop_str_in_output=body.include_stop_str_in_output)
-    except ValueError as e:
-        msg = str(e)
-        param = msg.split(".", 1)[1].split(" ", 1)[0] if msg.startswith("SamplingParams.") else None
-        raise APIError(400, msg, param=param)
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task.done():
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise ClientDisconnected()
 
 
-def create_app(engine: AsyncEngine, settings) -> FastAPI:
-    app = FastAPI(title="yaie_jax", version="0.1.0")
-    model_name = settings.served_model_name or engine.engine.served_model_name
-    keys = ApiKeys(settings.api_keys or [])
+async def read_body(request: Request, limit: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"Request body too large (limit {limit} bytes).", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def map_engine_value_error(e: ValueError, prompt_param: str) -> APIError:
+    """The engine's ValueError (bad input, nothing queued) as a 400 naming the parameter where we can tell."""
+    msg = str(e)
+    low = msg.lower()
+    if "context length" in low or "maximum context" in low:
+        return APIError(400, msg, param=prompt_param, code="context_length_exceeded")
+    if msg.startswith("SamplingParams."):
+        param, _, why = msg[len("SamplingParams."):].partition(" ")
+        return APIError(400, f"Invalid value for '{param}': {why}.", param=param)
+    for param in ("stop_token_ids", "max_tokens", "min_tokens", "logprobs", "seed", "priority", "temperature",
+                  "top_p", "top_k", "min_p"):
+        if param in low:
+            return APIError(400, msg, param=param)
+    if low.startswith("n=") or " n=" in low or "max_num_seqs" in low:
+        return APIError(400, msg, param="n")
+    if "prompt" in low or "token id" in low:
+        return APIError(400, msg, param=prompt_param)
+    return APIError(400, msg)
+
+
+class _Tracker:
+    """Per engine request: turns cumulative outputs into deltas and timing observations."""
+
+    def __init__(self, n: int, arrival: float):
+        self.arrival = arrival
+        self.text = [""] * n
+        self.ntok = [0] * n
+        self.done = [False] * n
+        self.first_token_at: List[Optional[float]] = [None] * n
+        self.last_token_at: List[Optional[float]] = [None] * n
+        self.finish_at: List[Optional[float]] = [None] * n
+        self.final: Optional[RequestOutput] = None
+        self.last: Optional[RequestOutput] = None
+        self.ttft: Optional[float] = None
+
+
+# ------------------------------------------------------------------------------------------------ the app
+def create_app(async_engine: AsyncEngine, settings: Optional[ServerSettings] = None, *,
+               log_stream=None, manage_engine: bool = True) -> FastAPI:
+    """Build the FastAPI app around `async_engine` (see the module docstring for the HTTP contract).
+
+    `manage_engine`: start the engine thread on app start-up and drain it (bounded by
+    `settings.shutdown_timeout_s`) on app shutdown. `log_stream`: where request JSON lines go (default stderr).
+    """
+    settings = settings or ServerSettings()
+    engine = async_engine.engine
+    tokenizer = engine.tokenizer
+    max_model_len = int(engine.max_model_len)
+    vocab_size = int(getattr(engine.model_config, "vocab_size", 0) or 0) or None
+    model_name = async_engine.model_name
+    accepted_models = {model_name}
+    root_model = getattr(getattr(engine, "config", None), "model", None)
+    if root_model:
+        accepted_models.add(str(root_model))
+    created = int(time.time())
+    metrics = ServerMetrics(model_name, stats_fn=async_engine.stats, health_fn=async_engine.health)
+    reqlog = RequestLog(log_stream, settings.log_requests)
+    keys = APIKeys(settings.api_keys)
     limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_burst)
-    metrics = Metrics(model_name)
-    tokenizer = engine.engine.tokenizer
-    max_model_len = engine.engine.max_model_len
-    app.state.engine = engine
-    app.state.metrics = metrics
 
-    # ------------------------------------------------------------------ errors
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if manage_engine:
+            async_engine.start()
+        try:
+            yield
+        finally:
+            if manage_engine:
+                await async_engine.shutdown(settings.shutdown_timeout_s)
+
+    app = FastAPI(title="yaie_jax", version=_version(), lifespan=lifespan)
+    app.state.async_engine = async_engine
+    app.state.metrics = metrics
+    app.state.settings = settings
+
+    def on_reject(status: int, code: Optional[str], path: str) -> None:
+        metrics.observe_rejected(status, code)
+        reqlog.rejected(endpoint=path, status=status, code=code, model=model_name)
+
+    app.add_middleware(AuthRateLimitMiddleware, keys=keys, limiter=limiter,
+                       max_request_bytes=settings.max_request_bytes, on_reject=on_reject)
+    if settings.cors_allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_allow_origins), allow_methods=["*"],
+                           allow_headers=["*"])
+
+    # -------------------------------------------------------------------------------------------- errors
+    def _rejected(request: Request, e: APIError) -> JSONResponse:
+        on_reject(e.status, e.code or e.type, request.url.path)
+        return error_response(e)
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        return error_json(e.status, e.message, e.type, e.param, e.code, e.headers)
+        return _rejected(request, e)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
         errs = e.errors()
-        first = errs[0] if errs else {}
-        loc = [str(x) for x in first.get("loc", []) if x != "body"]
-        if first.get("type") == "json_invalid":
-            return error_json(400, f"malformed JSON body: {first.get('msg', '')}", "invalid_request_error")
-        param = ".".join(loc) or None
-        return error_json(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", "invalid_request_error",
-                          param=param)
+        param = ".".join(str(p) for p in errs[0].get("loc", ())[1:]) if errs else None
+        return _rejected(request, APIError(400, errs[0].get("msg", "invalid request") if errs else "invalid request",
+                                           param=param or None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error_json(e.status_code, str(e.detail), kind)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        msg = {404: f"Unknown URL: {request.method} {request.url.path}",
+               405: f"Method {request.method} is not allowed for {request.url.path}"}.get(e.status_code, str(e.detail))
+        return _rejected(request, APIError(e.status_code, msg, code=code, headers=getattr(e, "headers", None)))
 
-    @app.exception_handler(EngineDeadError)
-    async def _dead(request: Request, e: EngineDeadError):
-        return error_json(503, str(e), "service_unavailable", headers={"Retry-After": "5"})
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, e: Exception):
+        logger.exception("internal error on %s", request.url.path)
+        return _rejected(request, APIError(500, f"Internal server error: {type(e).__name__}", type="server_error",
+                                           code="internal_error"))
 
-    # ------------------------------------------------------------------ guard for /v1 routes
-    def guard(request: Request) -> str:
-        key = extract_key(request.headers)
-        if not keys.check(key):
-            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY' or 'X-API-Key')",
-                           "authentication_error", code="invalid_api_key")
-        client = key or (request.client.host if request.client else "anonymous")
-        ok, retry = limiter.try_acquire(client)
-        if not ok:
-            raise APIError(429, "rate limit exceeded", "rate_limit_error", code="rate_limit_exceeded",
-                           headers={"Retry-After": str(max(1, int(retry + 0.999)))})
-        if not engine.alive:
-            raise EngineDeadError("the engine loop is not running")
-        cap = settings.max_waiting_requests
-        if cap is not None and engine.queue_length() >= cap:
-            raise APIError(503, "server busy: too many waiting requests", "service_unavailable",
-                           code="queue_full", headers={"Retry-After": "1"})
-        return client
+    def unavailable(e: Exception) -> APIError:
+        if isinstance(e, EngineDeadError):
+            return APIError(503, f"The engine is not running: {e}", type="server_error", code="engine_dead")
+        reason = getattr(e, "reason", "unavailable")
+        return APIError(503, str(e), type="server_error", code=reason,
+                        headers={"retry-after": str(max(1, settings.retry_after_s))})
 
     def check_model(name: Optional[str]) -> None:
-        if name and name != model_name:
-            raise APIError(404, f"model {name!r} not found (serving {model_name!r})", "not_found_error",
-                           param="model", code="model_not_found")
+        if name and name not in accepted_models:
+            raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
-    def make_requests(prompts, params, body: SamplingFields, client: str, prefix: str):
-        reqs = []
-        base = f"{prefix}-{uuid.uuid4().hex}"
-        for i, p in enumerate(prompts):
-            try:
-                if isinstance(p, str):
-                    r = engine.make_request(f"{base}-{i}", p, params, priority=body.priority, client_id=client)
-                else:
-                    r = engine.make_request(f"{base}-{i}", None, params, prompt_token_ids=p,
-                                            priority=body.priority, client_id=client)
-            except ValueError as e:
-                msg = str(e)
-                if "context length" in msg:
-                    raise APIError(400, msg, param="max_tokens", code="context_length_exceeded")
-                raise APIError(400, msg, param="prompt" if "prompt" in msg else None)
-            reqs.append(r)
-        return base, reqs
+    def client_of(request: Request, user: Optional[str]) -> Optional[str]:
+        kid = request.scope.get("state", {}).get("api_key_id")
+        base = kid or (request.client.host if request.client else None)
+        return f"{base}:{user}" if user else base
 
-    def finish_log(out: RequestOutput, route: str) -> None:
-        m = out.metrics or {}
-        ttft = (m["first_token_time"] - m["arrival_time"]) if m.get("first_token_time") else None
-        e2e = (m["finished_time"] - m["arrival_time"]) if m.get("finished_time") else None
-        n_out = sum(len(c.token_ids) for c in out.outputs)
-        reason = out.outputs[0].finish_reason if out.outputs else None
-        metrics.observe_finished(len(out.prompt_token_ids), n_out, ttft, e2e, reason)
-        if settings.log_requests:
-            log.info("request_finished", request_id=out.request_id, model=model_name, route=route,
-                     prompt_tokens=len(out.prompt_token_ids), completion_tokens=n_out,
-                     ttft_s=None if ttft is None else round(ttft, 4), latency_s=None if e2e is None else round(e2e, 4),
-                     finish_reason=reason, cached_tokens=out.num_cached_tokens)
+    async def admit(prompts: Sequence[Union[str, List[int]]], params, rid: str, *, priority: int,
+                    client: Optional[str], stream: bool, prompt_param: str) -> List[RequestStream]:
+        """Admit every prompt or none: on any failure the ones already admitted are aborted."""
+        streams: List[RequestStream] = []
+        try:
+            for i, p in enumerate(prompts):
+                streams.append(await async_engine.add_request(
+                    f"{rid}-{i}", p, params, priority=priority, client_id=client, stream=stream,
+                    timeout_s=settings.request_timeout_s, queue_timeout_s=settings.queue_timeout_s))
+        except BaseException as e:
+            for s in streams:
+                s.abort()
+            if isinstance(e, ValueError):
+                raise map_engine_value_error(e, prompt_param) from None
+            if isinstance(e, (EngineDeadError, EngineUnavailableError)):
+                raise unavailable(e) from None
+            raise
+        return streams
 
-    async def merged(reqs) -> AsyncIterator[Tuple[int, RequestOutput]]:
-        """Outputs of several requests as they come: (request index, output). Closing it aborts the rest."""
+    async def merged(streams: List[RequestStream]) -> AsyncIterator[Tuple[int, RequestOutput]]:
+        """(prompt index, output) from several streams as they come."""
+        if len(streams) == 1:
+            async for out in streams[0]:
+                yield 0, out
+            return
         q: asyncio.Queue = asyncio.Queue()
         done = object()
 
-        async def pump(i, r):
+        async def pump(i: int, s: RequestStream) -> None:
             try:
-                async for out in engine.generate(r):
-                    await q.put((i, out))
+                async for out in s:
+                    q.put_nowait((i, out))
             except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
-                await q.put((i, e))
+                q.put_nowait((i, e))
             finally:
-                await q.put((i, done))
+                q.put_nowait((i, done))
 
-        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
-        remaining = len(tasks)
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
         try:
+            remaining = len(streams)
             while remaining:
                 i, item = await q.get()
                 if item is done:
                     remaining -= 1
-                    continue
-                if isinstance(item, BaseException):
+                elif isinstance(item, BaseException):
                     raise item
-                yield i, item
+                else:
+                    yield i, item
         finally:
             for t in tasks:
                 t.cancel()
 
-    async def run_to_completion(request: Request, reqs) -> List[RequestOutput]:
-        finals: Dict[int, RequestOutput] = {}
+    # ------------------------------------------------------------------------------------ observation
+    def observe(tr: _Tracker, out: RequestOutput, now: float, streamed: bool) -> None:
+        tr.last = out
+        for c in out.outputs:
+            j = c.index
+            if j >= len(tr.ntok):
+                continue
+            k = len(c.token_ids) - tr.ntok[j]
+            if k > 0:
+                if tr.first_token_at[j] is None:
+                    first = now
+                    ftt = (out.metrics or {}).get("first_token_time")
+                    if not streamed and isinstance(ftt, float) and tr.arrival <= ftt <= now:
+                        # only the final output came back: take the engine's own first-token time
+                        # (time.monotonic() of this process, like `now`)
+                        first = ftt
+                    tr.first_token_at[j] = first
+                    if tr.ttft is None or first - tr.arrival < tr.ttft:
+                        tr.ttft = first - tr.arrival
+                elif streamed and tr.last_token_at[j] is not None:
+                    gap = (now - tr.last_token_at[j]) / k
+                    for _ in range(k):
+                        metrics.observe_itl(gap)
+                tr.last_token_at[j] = now
+            if c.finish_reason is not None and tr.finish_at[j] is None:
+                tr.finish_at[j] = now
+                ntok = len(c.token_ids)
+                if not streamed and ntok > 1 and tr.first_token_at[j] is not None:
+                    metrics.observe_itl((now - tr.first_token_at[j]) / (ntok - 1))
+                metrics.observe_sequence_finished(
+                    c.finish_reason, ntok,
+                    None if tr.first_token_at[j] is None else tr.first_token_at[j] - tr.arrival,
+                    now - tr.arrival)
+        if out.finished:
+            tr.final = out
 
-        async def consume():
-            async for i, out in merged(reqs):
-                if out.finished:
-                    finals[i] = out
+    def finish_trackers(trackers: List[_Tracker], now: float) -> None:
+        for tr in trackers:
+            out = tr.final or tr.last
+            if out is None:
+                continue
+            if tr.ttft is not None:
+                metrics.observe_ttft(tr.ttft)
+            metrics.observe_request_finished(len(out.prompt_token_ids),
+                                             sum(len(c.token_ids) for c in out.outputs), now - tr.arrival)
 
-        task = asyncio.create_task(consume())
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.25)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()
-                try:
-                    await task
-                except BaseException:  # noqa: BLE001
-                    pass
-                raise APIError(499, "client disconnected", "invalid_request_error")
-        task.result()
-        return [finals[i] for i in range(len(reqs))]
-
-    def usage(outs: List[RequestOutput]) -> dict:
-        p = sum(len(o.prompt_token_ids) for o in outs)
-        c = sum(len(x.token_ids) for o in outs for x in o.outputs)
-        cached = sum(o.num_cached_tokens for o in outs)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+    def usage_of(trackers: List[_Tracker]) -> dict:
+        prompt = completion = cached = 0
+        for tr in trackers:
+            out = tr.final or tr.last
+            if out is None:
+                continue
+            prompt += len(out.prompt_token_ids)
+            completion += sum(len(c.token_ids) for c in out.outputs)
+            cached += int(out.num_cached_tokens or 0)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
-    def completion_logprobs(c, start: int, text_offset0: int) -> Optional[dict]:
+    def log_finished(rid: str, endpoint: str, trackers: List[_Tracker], n: int, stream: bool, arrival: float,
+                     client: Optional[str], status: int = 200, aborted: bool = False) -> None:
+        u = usage_of(trackers)
+        reasons = []
+        for tr in trackers:
+            out = tr.final or tr.last
+            for j in range(len(tr.ntok)):
+                r = None
+                if out is not None and j < len(out.outputs):
+                    r = out.outputs[j].finish_reason
+                reasons.append(r or ("abort" if aborted else None))
+        uniq = sorted(set(str(r) for r in reasons))
+        ttfts = [tr.ttft for tr in trackers if tr.ttft is not None]
+        reqlog.finished(request_id=rid, model=model_name, endpoint=endpoint, prompt_tokens=u["prompt_tokens"],
+                        completion_tokens=u["completion_tokens"],
+                        cached_tokens=u["prompt_tokens_details"]["cached_tokens"],
+                        ttft_s=min(ttfts) if ttfts else None, latency_s=time.monotonic() - arrival,
+                        finish_reason=uniq[0] if len(uniq) == 1 else uniq, n=n, stream=stream, status=status,
+                        client=client)
+
+    # ------------------------------------------------------------------------------------ logprobs
+    def token_text(tid: int, lp=None) -> str:
+        if lp is not None and lp.decoded_token is not None:
+            return lp.decoded_token
+        try:
+            return tokenizer.decode([tid], skip_special_tokens=False)
+        except Exception:
+            return ""
+
+    def completion_logprobs(c: CompletionOutput, start: int, offset0: int) -> Optional[dict]:
         if c.logprobs is None:
             return None
-        toks, lps, tops, offs = [], [], [], []
-        off = text_offset0
-        for tid, entry in zip(c.token_ids[start:], c.logprobs[start:]):
-            lp = entry[tid]
-            s = lp.decoded_token or ""
-            toks.append(s)
-            lps.append(lp.logprob)
-            tops.append({(v.decoded_token or str(k)): v.logprob for k, v in entry.items() if k != tid or v.rank})
-            offs.append(off)
+        tokens, token_lps, tops, offsets = [], [], [], []
+        off = offset0
+        for j in range(start, min(len(c.logprobs), len(c.token_ids))):
+            entry = c.logprobs[j]
+            tid = c.token_ids[j]
+            s = token_text(tid, entry.get(tid))
+            tokens.append(s)
+            token_lps.append(_lp(entry[tid].logprob) if tid in entry else LOGPROB_FLOOR)
+            tops.append({token_text(t, l): _lp(l.logprob) for t, l in entry.items()})
+            offsets.append(off)
             off += len(s)
-        return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
-    def chat_logprobs(c, start: int, top_n: int) -> Optional[dict]:
+    def chat_logprobs(c: CompletionOutput, start: int, top_n: int) -> Optional[dict]:
         if c.logprobs is None:
             return None
         content = []
-        for tid, entry in zip(c.token_ids[start:], c.logprobs[start:]):
-            lp = entry[tid]
-            s = lp.decoded_token or ""
-            alts = sorted(((k, v) for k, v in entry.items() if v.rank is not None and v.rank <= top_n
-                           and (k != tid or True)), key=lambda kv: -kv[1].logprob)[:top_n]
-            content.append({"token": s, "logprob": lp.logprob, "bytes": list(s.encode()),
-                            "top_logprobs": [{"token": v.decoded_token or "", "logprob": v.logprob,
-                                              "bytes": list((v.decoded_token or "").encode())} for _, v in alts]})
+        for j in range(start, min(len(c.logprobs), len(c.token_ids))):
+            entry = c.logprobs[j]
+            tid = c.token_ids[j]
+            s = token_text(tid, entry.get(tid))
+            ranked = sorted(entry.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30,
+                                                           -_lp(kv[1].logprob)))[:top_n]
+            content.append({
+                "token": s, "logprob": _lp(entry[tid].logprob) if tid in entry else LOGPROB_FLOOR,
+                "bytes": list(s.encode("utf-8")),
+                "top_logprobs": [{"token": token_text(t, l), "logprob": _lp(l.logprob),
+                                  "bytes": list(token_text(t, l).encode("utf-8"))} for t, l in ranked]})
         return {"content": content}
 
-    def sse(obj) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-    async def stream_choices(reqs, n: int, make_chunk, usage_requested: bool, route: str, first_chunk=None):
-        """SSE generator shared by completions and chat. make_chunk(index, delta_text, choice, start, finish)."""
-        sent_text: Dict[int, int] = {}
-        sent_tokens: Dict[int, int] = {}
-        finals: Dict[int, RequestOutput] = {}
-        if first_chunk is not None:
-            for i in range(len(reqs)):
-                for k in range(n):
-                    yield sse(first_chunk(i * n + k))
-        try:
-            async for i, out in merged(reqs):
-                for c in out.outputs:
-                    idx = i * n + c.index
-                    t0, k0 = sent_text.get(idx, 0), sent_tokens.get(idx, 0)
-                    delta = c.text[t0:]
-                    finish = c.finish_reason
-                    if delta or finish or len(c.token_ids) > k0:
-                        if delta or finish:
-                            yield sse(make_chunk(idx, delta, c, k0, finish))
-                            sent_text[idx] = len(c.text)
-                            sent_tokens[idx] = len(c.token_ids)
-                if out.finished:
-                    finals[i] = out
-                    finish_log(out, route)
-        except EngineDeadError as e:
-            yield sse({"error": {"message": str(e), "type": "service_unavailable", "param": None, "code": None}})
-            return
-        if usage_requested:
-            yield sse(make_chunk(None, None, None, None, None, usage=usage([finals[i] for i in sorted(finals)])))
-        yield "data: [DONE]\n\n"
-
-    # ------------------------------------------------------------------ routes
+    # -------------------------------------------------------------------------------------------- routes
     @app.get("/health")
     async def health():
-        dev_mem = None
-        try:
-            import jax
-            st = jax.devices()[0].memory_stats()
-            if st:
-                dev_mem = {"bytes_in_use": st.get("bytes_in_use"), "bytes_limit": st.get("bytes_limit")}
-        except Exception:
-            dev_mem = None
-        stats = engine.stats
-        body = {"status": "ok" if engine.alive else "dead", "model": model_name,
-                "active_requests": engine.num_active, "queue_length": engine.queue_length(),
-                "num_running": stats.get("num_running", 0), "num_waiting": stats.get("num_waiting", 0),
-                "kv_blocks_total": stats.get("kv_blocks_total"), "kv_blocks_free": stats.get("kv_blocks_free"),
-                "kv_blocks_cached": stats.get("kv_blocks_cached"), "device_memory": dev_mem}
-        return JSONResponse(body, status_code=200 if engine.alive else 503)
+        h = async_engine.health()
+        h["model"] = model_name
+        h["device_memory"] = device_memory()
+        h["kv_cache_usage"] = async_engine.stats().get("kv_cache_usage")
+        status = 200 if h["status"] == "ok" else 503
+        headers = {"retry-after": str(max(1, settings.retry_after_s))} if status == 503 else None
+        return JSONResponse(h, status_code=status, headers=headers)
 
     @app.get("/metrics")
-    async def prom():
-        metrics.update_from_stats(engine.stats)
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/version")
+    async def version():
+        return {"version": _version()}
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "yaie_jax",
+                "root": str(root_model or model_name), "parent": None, "max_model_len": max_model_len}
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        guard(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                             "owned_by": "yaie_jax", "max_model_len": max_model_len}]}
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        check_model(model_id)
+        return model_card()
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
-        if body.messages is not None:
-            text = apply_chat_template(tokenizer, [m.model_dump() for m in body.messages])
-            ids = tokenizer.encode(text, add_special_tokens=False)
-        elif body.prompt is not None:
-            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        else:
-            raise APIError(400, "give either prompt or messages", param="prompt")
+    async def tokenize(request: Request):
+        body = parse_request(TokenizeRequest, await read_body(request, settings.max_request_bytes))
+        check_model(body.model)
+        try:
+            if body.messages is not None:
+                text = chat_prompt(body.messages, body.add_generation_prompt)
+                add_special = bool(body.add_special_tokens) if body.add_special_tokens is not None else False
+            else:
+                text = body.prompt
+                add_special = True if body.add_special_tokens is None else body.add_special_tokens
+            ids = [int(t) for t in tokenizer.encode(text, add_special_tokens=add_special)]
+        except APIError:
+            raise
+        except Exception as e:
+            raise APIError(400, f"Could not tokenize the input: {e}", param="prompt") from None
         return {"tokens": ids, "count": len(ids), "max_model_len": max_model_len}
 
     @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest):
-        if any(t < 0 or t >= engine.engine.vocab_size for t in body.tokens):
-            raise APIError(400, f"token ids must be in [0, {engine.engine.vocab_size})", param="tokens")
-        return {"prompt": tokenizer.decode(body.tokens)}
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        client = guard(request)
+    async def detokenize(request: Request):
+        body = parse_request(DetokenizeRequest, await read_body(request, settings.max_request_bytes))
         check_model(body.model)
-        p = body.prompt
-        if isinstance(p, str):
-            prompts = [p]
-        elif p and all(isinstance(x, int) for x in p):
-            prompts = [list(p)]
-        else:
-            prompts = list(p)
-        if not prompts or any((isinstance(x, (str, list)) and len(x) == 0) for x in prompts):
-            raise APIError(400, "prompt must not be empty", param="prompt")
-        params = sampling_params_from(body, body.max_tokens, body.logprobs)
-        base, reqs = make_requests(prompts, params, body, client, "cmpl")
-        created = int(time.time())
-
-        if body.stream:
-            def chunk(idx, delta, c, start, finish, usage=None):
-                obj = {"id": base, "object": "text_completion", "created": created, "model": model_name,
-                       "choices": []}
-                if usage is not None:
-                    obj["usage"] = usage
-                    return obj
-                obj["choices"].append({"index": idx, "text": delta, "finish_reason": finish,
-                                       "logprobs": completion_logprobs(c, start, 0)})
-                return obj
-            inc = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream_choices(reqs, body.n, chunk, inc, "completions"),
-                                     media_type="text/event-stream")
-
-        outs = await run_to_completion(request, reqs)
-        choices = []
-        for i, out in enumerate(outs):
-            finish_log(out, "completions")
-            for c in out.outputs:
-                text = (out.prompt or "") + c.text if body.echo and out.prompt else c.text
-                choices.append({"index": i * body.n + c.index, "text": text, "finish_reason": c.finish_reason,
-                                "logprobs": completion_logprobs(c, 0, 0)})
-        return {"id": base, "object": "text_completion", "created": created, "model": model_name,
-                "choices": choices, "usage": usage(outs)}
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest, request: Request):
-        client = guard(request)
-        check_model(body.model)
-        messages = []
-        for m in body.messages:
-            content = m.content
-            if isinstance(content, list):
-                content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-            messages.append({"role": m.role, "content": content or ""})
+        if vocab_size is not None and any(t < 0 or t >= vocab_size for t in body.tokens):
+            raise APIError(400, f"Token ids must be in [0, {vocab_size}).", param="tokens")
         try:
-            prompt_text = apply_chat_template(tokenizer, messages, add_generation_prompt=body.add_generation_prompt)
-        except Exception as e:  # a template that rejects the conversation (e.g. role order)
-            raise APIError(400, f"chat template rejected the messages: {e}", param="messages")
-        ids = tokenizer.encode(prompt_text, add_special_tokens=False)
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        top_n = body.top_logprobs or 0
-        params = sampling_params_from(body, max_tokens, top_n if body.logprobs else None)
-        base, reqs = make_requests([ids], params, body, client, "chatcmpl")
-        created = int(time.time())
+            text = tokenizer.decode(body.tokens, skip_special_tokens=False)
+        except Exception as e:
+            raise APIError(400, f"Could not detokenize the input: {e}", param="tokens") from None
+        return {"prompt": text}
+
+    def chat_prompt(messages, add_generation_prompt: Optional[bool]) -> str:
+        from ..tokenizer import apply_chat_template
+        convo = [m.as_template_dict() for m in messages]
+        try:
+            return apply_chat_template(tokenizer, convo,
+                                       add_generation_prompt=True if add_generation_prompt is None
+                                       else add_generation_prompt)
+        except Exception as e:  # jinja TemplateError (e.g. roles must alternate) is the caller's input
+            raise APIError(400, f"The chat template rejected the messages: {e}", param="messages") from None
+
+    # ---------------------------------------------------------------------------------------- completions
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        arrival = time.monotonic()
+        body = parse_request(CompletionRequest, await read_body(request, settings.max_request_bytes))
+        check_model(body.model)
+        n = body.n or 1
+        params = body.sampling_params(max_tokens=body.max_tokens if body.max_tokens is not None else 16,
+                                      logprobs=body.logprobs)
+        prompts = body.prompts
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        client = client_of(request, body.user)
+        streams = await admit(prompts, params, rid, priority=body.priority or 0, client=client,
+                              stream=bool(body.stream), prompt_param="prompt")
+        trackers = [_Tracker(n, arrival) for _ in prompts]
+        echo_text = [_prompt_text(p) if body.echo else "" for p in prompts]
+        resp_model = body.model or model_name
+        created_at = int(time.time())
 
         if body.stream:
-            def first(idx):
-                return {"id": base, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                        "choices": [{"index": idx, "delta": {"role": "assistant", "content": ""},
-                                     "logprobs": None, "finish_reason": None}]}
-
-            def chunk(idx, delta, c, start, finish, usage=None):
-                obj = {"id": base, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                       "choices": []}
-                if usage is not None:
+            def chunk(choices, usage=None, with_usage=False) -> str:
+                obj = {"id": rid, "object": "text_completion", "created": created_at, "model": resp_model,
+                       "choices": choices}
+                if with_usage:
                     obj["usage"] = usage
-                    return obj
-                obj["choices"].append({"index": idx, "delta": {"content": delta} if delta else {},
-                                       "logprobs": chat_logprobs(c, start, top_n), "finish_reason": finish})
-                return obj
-            inc = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream_choices(reqs, body.n, chunk, inc, "chat", first_chunk=first),
-                                     media_type="text/event-stream")
+                return sse(obj)
 
-        outs = await run_to_completion(request, reqs)
-        out = outs[0]
-        finish_log(out, "chat")
+            async def gen():
+                aborted = True
+                try:
+                    with_usage = body.include_usage
+                    if body.echo:
+                        for pi in range(len(prompts)):
+                            for j in range(n):
+                                yield chunk([{"index": pi * n + j, "text": echo_text[pi], "logprobs": None,
+                                              "finish_reason": None}], None, with_usage)
+                    async for pi, out in merged(streams):
+                        tr = trackers[pi]
+                        observe(tr, out, time.monotonic(), True)
+                        for c in out.outputs:
+                            j = c.index
+                            if j >= n or tr.done[j]:
+                                continue
+                            delta = c.text[len(tr.text[j]):] if c.text.startswith(tr.text[j]) else c.text
+                            lp = completion_logprobs(c, tr.ntok[j], len(echo_text[pi]) + len(tr.text[j]))
+                            new_tokens = len(c.token_ids) > tr.ntok[j]
+                            finish = c.finish_reason
+                            if not delta and finish is None and not new_tokens:
+                                continue
+                            if not delta and finish is None and lp is None:
+                                tr.ntok[j] = len(c.token_ids)
+                                continue
+                            tr.text[j] = c.text if c.text.startswith(tr.text[j]) else tr.text[j] + delta
+                            tr.ntok[j] = len(c.token_ids)
+                            ch = {"index": pi * n + j, "text": delta, "logprobs": lp, "finish_reason": finish}
+                            if finish is not None:
+                                tr.done[j] = True
+                                ch["stop_reason"] = c.stop_reason
+                            yield chunk([ch], usage_of(trackers) if body.continuous_usage else None, with_usage)
+                    aborted = False
+                    if with_usage:
+                        yield chunk([], usage_of(trackers), True)
+                    yield "data: [DONE]\n\n"
+                except (EngineDeadError, EngineUnavailableError) as e:
+                    yield sse(unavailable(e).body())
+                    yield "data: [DONE]\n\n"
+                except ValueError as e:
+                    yield sse(map_engine_value_error(e, "prompt").body())
+                    yield "data: [DONE]\n\n"
+                finally:
+                    for s in streams:
+                        s.abort()
+                    now = time.monotonic()
+                    finish_trackers(trackers, now)
+                    log_finished(rid, "/v1/completions", trackers, n, True, arrival, client,
+                                 aborted=aborted)
+
+            return SSEResponse(gen(), headers={"x-request-id": rid, "cache-control": "no-cache"},
+                               on_close=partial(_abort_all, streams))
+
+        async def collect():
+            try:
+                async for pi, out in merged(streams):
+                    observe(trackers[pi], out, time.monotonic(), False)
+            finally:
+                for s in streams:
+                    s.abort()
+
+        try:
+            await run_unless_disconnected(request, collect())
+        except ClientDisconnected:
+            finish_trackers(trackers, time.monotonic())
+            log_finished(rid, "/v1/completions", trackers, n, False, arrival, client, status=499, aborted=True)
+            return Response(status_code=499)
+        except (EngineDeadError, EngineUnavailableError) as e:
+            raise unavailable(e) from None
+        except ValueError as e:      # the engine refused it after admission (split admission)
+            raise map_engine_value_error(e, "prompt") from None
+        finish_trackers(trackers, time.monotonic())
+        choices = []
+        for pi, tr in enumerate(trackers):
+            out = tr.final or tr.last
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                choices.append({"index": pi * n + c.index, "text": echo_text[pi] + c.text,
+                                "logprobs": completion_logprobs(c, 0, len(echo_text[pi])),
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        log_finished(rid, "/v1/completions", trackers, n, False, arrival, client)
+        return JSONResponse({"id": rid, "object": "text_completion", "created": created_at, "model": resp_model,
+                             "choices": choices, "usage": usage_of(trackers), "system_fingerprint": None},
+                            headers={"x-request-id": rid})
+
+    def _prompt_text(p: Union[str, List[int]]) -> str:
+        if isinstance(p, str):
+            return p
+        try:
+            return tokenizer.decode(p, skip_special_tokens=False)
+        except Exception:
+            return ""
+
+    # --------------------------------------------------------------------------------------------- chat
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        arrival = time.monotonic()
+        body = parse_request(ChatCompletionRequest, await read_body(request, settings.max_request_bytes))
+        check_model(body.model)
+        n = body.n or 1
+        top_n = body.top_logprobs or 0
+        params = body.sampling_params(max_tokens=body.effective_max_tokens,
+                                      logprobs=top_n if body.logprobs else None)
+        prompt_text = chat_prompt(body.messages, body.add_generation_prompt)
+        try:
+            prompt_ids = [int(t) for t in tokenizer.encode(prompt_text, add_special_tokens=False)]
+        except Exception as e:
+            raise APIError(400, f"Could not tokenize the messages: {e}", param="messages") from None
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        client = client_of(request, body.user)
+        streams = await admit([prompt_ids], params, rid, priority=body.priority or 0, client=client,
+                              stream=bool(body.stream), prompt_param="messages")
+        tr = _Tracker(n, arrival)
+        trackers = [tr]
+        resp_model = body.model or model_name
+        created_at = int(time.time())
+
+        if body.stream:
+            def chunk(choices, usage=None, with_usage=False) -> str:
+                obj = {"id": rid, "object": "chat.completion.chunk", "created": created_at, "model": resp_model,
+                       "system_fingerprint": None, "choices": choices}
+                if with_usage:
+                    obj["usage"] = usage
+                return sse(obj)
+
+            async def gen():
+                aborted = True
+                try:
+                    with_usage = body.include_usage
+                    for j in range(n):
+                        yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                      "finish_reason": None}], None, with_usage)
+                    async for _, out in merged(streams):
+                        observe(tr, out, time.monotonic(), True)
+                        for c in out.outputs:
+                            j = c.index
+                            if j >= n or tr.done[j]:
+                                continue
+                            delta = c.text[len(tr.text[j]):] if c.text.startswith(tr.text[j]) else c.text
+                            lp = chat_logprobs(c, tr.ntok[j], top_n) if body.logprobs else None
+                            finish = c.finish_reason
+                            if not delta and finish is None and not (lp and lp["content"]):
+                                tr.ntok[j] = len(c.token_ids)
+                                continue
+                            tr.text[j] = c.text if c.text.startswith(tr.text[j]) else tr.text[j] + delta
+                            tr.ntok[j] = len(c.token_ids)
+                            ch = {"index": j, "delta": {"content": delta} if delta else {}, "logprobs": lp,
+                                  "finish_reason": finish}
+                            if finish is not None:
+                                tr.done[j] = True
+                                ch["stop_reason"] = c.stop_reason
+                            yield chunk([ch], usage_of(trackers) if body.continuous_usage else None, with_usage)
+                    aborted = False
+                    if with_usage:
+                        yield chunk([], usage_of(trackers), True)
+                    yield "data: [DONE]\n\n"
+                except (EngineDeadError, EngineUnavailableError) as e:
+                    yield sse(unavailable(e).body())
+                    yield "data: [DONE]\n\n"
+                except ValueError as e:
+                    yield sse(map_engine_value_error(e, "prompt").body())
+                    yield "data: [DONE]\n\n"
+                finally:
+                    for s in streams:
+                        s.abort()
+                    finish_trackers(trackers, time.monotonic())
+                    log_finished(rid, "/v1/chat/completions", trackers, n, True, arrival, client, aborted=aborted)
+
+            return SSEResponse(gen(), headers={"x-request-id": rid, "cache-control": "no-cache"},
+                               on_close=partial(_abort_all, streams))
+
+        async def collect():
+            try:
+                async for _, out in merged(streams):
+                    observe(tr, out, time.monotonic(), False)
+            finally:
+                for s in streams:
+                    s.abort()
+
+        try:
+            await run_unless_disconnected(request, collect())
+        except ClientDisconnected:
+            finish_trackers(trackers, time.monotonic())
+            log_finished(rid, "/v1/chat/completions", trackers, n, False, arrival, client, status=499,
+                         aborted=True)
+            return Response(status_code=499)
+        except (EngineDeadError, EngineUnavailableError) as e:
+            raise unavailable(e) from None
+        except ValueError as e:
+            raise map_engine_value_error(e, "messages") from None
+        finish_trackers(trackers, time.monotonic())
+        out = tr.final or tr.last
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": chat_logprobs(c, 0, top_n), "finish_reason": c.finish_reason}
-                   for c in out.outputs]
-        return {"id": base, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": choices, "usage": usage(outs)}
+                    "logprobs": chat_logprobs(c, 0, top_n) if body.logprobs else None,
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                   for c in sorted(out.outputs, key=lambda c: c.index)]
+        log_finished(rid, "/v1/chat/completions", trackers, n, False, arrival, client)
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": created_at, "model": resp_model,
+                             "choices": choices, "usage": usage_of(trackers), "system_fingerprint": None},
+                            headers={"x-request-id": rid})
 
     return app
+
+
+# ------------------------------------------------------------------------------------------------ device info
+def device_memory() -> Optional[List[dict]]:
+    """Per-device memory from JAX's `memory_stats()` when JAX is already loaded and reports it, else None."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return None
+    try:
+        out = []
+        for d in jax.local_devices():
+            stats = d.memory_stats()
+            if not stats:
+                continue
+            out.append({"device": str(d), "bytes_in_use": stats.get("bytes_in_use"),
+                        "bytes_limit": stats.get("bytes_limit"),
+                        "peak_bytes_in_use": stats.get("peak_bytes_in_use")})
+        return out or None
+    except Exception:
+        return None
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("yaie_jax")
+    except Exception:
+        return "0.1.0"
+
+
+__all__ = ["create_app", "SSEResponse", "device_memory"]

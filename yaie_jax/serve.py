@@ -1,0 +1,103 @@
+"""`python -m yaie_jax.serve [MODEL] [flags]`: the OpenAI-compatible HTTP server.
+
+Start-up: build the effective configuration (defaults < `--config` YAML < environment < flags; see
+`yaie_jax.settings`), print it as JSON (API keys redacted) with any warnings, construct the engine
+(`yaie_jax.engine.LLMEngine(config)`, imported only now so `--help`/`--print-config` stay fast), wrap it in an
+`AsyncEngine`, and run uvicorn.
+
+Shutdown (SIGTERM or Ctrl-C): the server stops accepting connections and new requests (503 + Retry-After on
+kept-alive connections, /health turns 503 "draining"), in-flight requests get `shutdown_timeout_s` to finish,
+what is left is aborted, the engine thread stops, and the process exits 0. A second Ctrl-C forces the exit.
+
+Exit codes: 0 after a clean shutdown, 2 for a configuration error (the message names the file key, variable
+or flag at fault), 1 if the engine cannot be built.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import signal
+import sys
+from typing import Optional, Sequence
+
+from .settings import ConfigError, Settings, parse_args
+
+logger = logging.getLogger("yaie_jax.serve")
+
+
+def build_engine(settings: Settings, factory: Optional[str] = None):
+    """The engine to serve: `LLMEngine(settings.engine)`, or `factory` ("module:callable", called with the
+    EngineConfig) for development and tests."""
+    if factory:
+        mod_name, _, fn_name = factory.partition(":")
+        fn = getattr(importlib.import_module(mod_name), fn_name or "make_engine")
+        return fn(settings.engine)
+    from .engine import LLMEngine
+    return LLMEngine(settings.engine)
+
+
+def _make_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, but a signal first makes the engine refuse new requests (drain), and the process
+        exits 0 after the graceful shutdown instead of re-raising the signal."""
+
+        async_engine = None
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.async_engine is not None:
+                self.async_engine.begin_drain()
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            else:
+                self.should_exit = True
+
+    return DrainingServer
+
+
+def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m yaie_jax.serve") -> int:
+    from .settings import build_parser
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        settings, ns = parse_args(argv, parser=build_parser(prog))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("yaie_jax effective configuration:\n" + settings.to_json(), flush=True)
+    for w in settings.warnings:
+        print(f"warning: {w}", file=sys.stderr, flush=True)
+    if getattr(ns, "print_config", False):
+        return 0
+
+    srv = settings.server
+    logging.basicConfig(level=getattr(logging, srv.log_level.upper(), logging.INFO) if srv.log_level != "trace"
+                        else logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine = build_engine(settings, getattr(ns, "engine_factory", None))
+    except (ValueError, OSError) as e:
+        print(f"error: cannot build the engine: {e}", file=sys.stderr)
+        return 1
+
+    import uvicorn
+
+    from .async_engine import AsyncEngine
+    from .server.app import create_app
+
+    async_engine = AsyncEngine(engine, max_waiting_requests=srv.max_waiting_requests,
+                               model_name=settings.engine.served_model_name)
+    app = create_app(async_engine, srv)
+    config = uvicorn.Config(app, host=srv.host, port=srv.port, log_level=srv.log_level,
+                            access_log=srv.access_log, timeout_graceful_shutdown=int(max(1, srv.shutdown_timeout_s)),
+                            lifespan="on")
+    server = _make_server_class()(config)
+    server.async_engine = async_engine
+    print(json.dumps({"event": "listening", "url": f"http://{srv.host}:{srv.port}/v1",
+                      "model": async_engine.model_name}), flush=True)
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

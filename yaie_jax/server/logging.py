@@ -1,0 +1,59 @@
+"""Structured request logs: one JSON line per finished (or rejected) HTTP request, through structlog.
+
+Each app gets its own bound logger (no global structlog configuration), writing to `stream` (default stderr):
+
+    {"event": "request_finished", "request_id": "cmpl-...", "model": "...", "endpoint": "/v1/completions",
+     "prompt_tokens": 12, "completion_tokens": 16, "cached_tokens": 0, "ttft_s": 0.012, "latency_s": 0.31,
+     "finish_reason": "length", "n": 1, "stream": false, "status": 200, "client": "key-1a2b3c...",
+     "level": "info", "timestamp": "2026-11-27T01:02:03.456Z"}
+
+`finish_reason` is the single reason when all choices agree, else the list; "abort" when the client left.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional, TextIO
+
+import structlog
+
+
+def make_request_logger(stream: Optional[TextIO] = None, enabled: bool = True):
+    """A structlog logger rendering JSON lines to `stream` (or a no-op logger when disabled)."""
+    if not enabled:
+        return None
+    return structlog.wrap_logger(
+        structlog.PrintLogger(file=stream if stream is not None else sys.stderr),
+        processors=[structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    structlog.processors.JSONRenderer(sort_keys=False)],
+        cache_logger_on_first_use=False)
+
+
+class RequestLog:
+    """Writes the per-request lines; never raises into the request path."""
+
+    def __init__(self, stream: Optional[TextIO] = None, enabled: bool = True):
+        self._log = make_request_logger(stream, enabled)
+
+    def finished(self, **fields: Any) -> None:
+        if self._log is None:
+            return
+        try:
+            self._log.info("request_finished", **_round(fields))
+        except Exception:  # a broken log sink must not break serving
+            pass
+
+    def rejected(self, **fields: Any) -> None:
+        if self._log is None:
+            return
+        try:
+            self._log.warning("request_rejected", **_round(fields))
+        except Exception:
+            pass
+
+
+def _round(fields: dict) -> dict:
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in fields.items()}
+
+
+__all__ = ["RequestLog", "make_request_logger"]
