@@ -81,7 +81,9 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=No
     MB = block_tables.shape[1]
     splits, pages_per_split = _decode_plan(S, Hkv, MB, BS, num_splits)
     if stages is None:
-        stages = 4 if D <= 64 else 3
+        # D=128: 2 stages (q 16 KB + ring 64 KB -> 2 programs per SM); 3 stages (112 KB) was 13-37% slower at
+        # batch >= 64 on the H200 (bench/notes_kernels.md, run 3). D=64: 4 stages (72 KB).
+        stages = 4 if D <= 64 else 2
     qg = q.reshape(S, Hkv, G, D).astype(k_pages.dtype)
     if Gp != G:
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))

@@ -20,7 +20,6 @@ K-major operands, which the V tile is not. fp32 pools use the XLA path on the GP
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax

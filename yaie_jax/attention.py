@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 
+import jax
+
 
 def kernel_functions(backend: str):
     """(write_kv, paged_attention, ragged_prefill_attention) for a backend name ("xla" | "pallas")."""
@@ -24,11 +26,18 @@ def kernel_functions(backend: str):
 def make_paged_attention(backend: str, *, decode: bool, slot_mapping, query_start, context_lens, block_tables,
                          mesh=None):
     write_kv, paged_attention, ragged_prefill_attention = kernel_functions(backend)
+    if mesh is not None and backend == "pallas":
+        paged_attention, ragged_prefill_attention = _per_shard(mesh, paged_attention, ragged_prefill_attention)
 
     def attention(layer_idx, q, k, v, kv_cache):
         # q [T, num_heads, head_dim]; k, v [T, num_kv_heads, head_dim]; pages [num_kv_heads, blocks, bs, head_dim]
         k_pages, v_pages = kv_cache
         k_pages, v_pages = write_kv(k_pages, v_pages, k, v, slot_mapping)
+        if mesh is not None:  # keep the pool split by KV head across steps (no re-layout between calls)
+            from jax.sharding import NamedSharding, PartitionSpec as P
+            pool = NamedSharding(mesh, P("tp", None, None, None))
+            k_pages = jax.lax.with_sharding_constraint(k_pages, pool)
+            v_pages = jax.lax.with_sharding_constraint(v_pages, pool)
         if decode:
             out = paged_attention(q, k_pages, v_pages, block_tables, context_lens)
         else:
@@ -36,3 +45,24 @@ def make_paged_attention(backend: str, *, decode: bool, slot_mapping, query_star
         return out, (k_pages, v_pages)
 
     return attention
+
+
+def _per_shard(mesh, paged_attention, ragged_prefill_attention):
+    """Run the Pallas kernels per TP shard (each shard: its query heads and its KV heads) under shard_map."""
+    from jax.sharding import PartitionSpec as P
+    shard_map = getattr(jax, "shard_map", None)
+    if shard_map is None:  # older jax
+        from jax.experimental.shard_map import shard_map
+    heads = P(None, "tp", None)
+    pool = P("tp", None, None, None)
+    rep = P()
+
+    def decode(q, kp, vp, bt, cl):
+        return shard_map(paged_attention, mesh=mesh, in_specs=(heads, pool, pool, rep, rep), out_specs=heads,
+                         check_vma=False)(q, kp, vp, bt, cl)
+
+    def prefill(q, kp, vp, qs, cl, bt):
+        return shard_map(ragged_prefill_attention, mesh=mesh, in_specs=(heads, pool, pool, rep, rep, rep),
+                         out_specs=heads, check_vma=False)(q, kp, vp, qs, cl, bt)
+
+    return decode, prefill
