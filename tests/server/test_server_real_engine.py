@@ -1,0 +1,61 @@
+"""The server around the REAL engine (not the fake): the embedded SmolLM2-135M-Instruct answers a chat question
+sensibly through the official openai client without leaking template tokens, and with a tiny random GPT-2:
+streamed == non-streamed under greedy, and a client that disconnects mid-stream leaves nothing held."""
+import threading
+import time
+
+import httpx
+import pytest
+
+import support
+from conftest import live_server
+from yaie_jax.engine import LLMEngine
+
+ENGINE = dict(attention_backend="xla", warmup=False, compile_cache_dir=None)
+
+
+@pytest.mark.slow
+def test_smollm2_knows_the_capital_of_france():
+    eng = LLMEngine(model=None, dtype="float32", max_model_len=512, **ENGINE)
+    with live_server(engine=eng, api_keys=["k"]) as srv:
+        client = srv.client(api_key="k")
+        r = client.chat.completions.create(model=srv.model, temperature=0, max_tokens=24,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+        text = r.choices[0].message.content
+        assert "Paris" in text, text
+        assert "<|im_" not in text and "<|endoftext|>" not in text
+        chunks = client.chat.completions.create(model=srv.model, temperature=0, max_tokens=24, stream=True,
+                                                messages=[{"role": "user",
+                                                           "content": "What is the capital of France?"}])
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+
+
+def test_tiny_gpt2_stream_equals_nonstream_and_disconnect_frees(tmp_path):
+    path = support.make_gpt2_dir(str(tmp_path))
+    eng = LLMEngine(model=path, dtype="float32", **ENGINE)
+    with live_server(engine=eng) as srv:
+        client = srv.client()
+        full = client.completions.create(model=srv.model, prompt="The quick brown", max_tokens=20, temperature=0,
+                                         extra_body={"ignore_eos": True})
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model=srv.model, prompt="The quick brown", max_tokens=20, temperature=0, stream=True,
+            extra_body={"ignore_eos": True}) if c.choices)
+        assert streamed == full.choices[0].text
+        assert full.usage.completion_tokens == 20
+        # open a long stream, read one chunk, drop the connection
+        with httpx.stream("POST", srv.base_url + "/completions", timeout=30,
+                          json={"prompt": "Once upon", "max_tokens": 200, "stream": True, "ignore_eos": True,
+                                "temperature": 0}) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data:"):
+                    break
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            h = srv.health().json()
+            if h["num_running"] == 0 and h["num_waiting"] == 0 and h["active_requests"] == 0:
+                break
+            time.sleep(0.1)
+        assert h["num_running"] == 0 and h["num_waiting"] == 0
+        eng_bm = eng.block_manager
+        time.sleep(0.2)
+        assert eng_bm.num_free_gpu_blocks + eng_bm.num_evictable_gpu_blocks == eng.runner.num_gpu_blocks
