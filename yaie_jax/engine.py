@@ -94,7 +94,12 @@ class LLMEngine:
         self._step_counter = 0
         self.served_model_name = config.served_model_name or (config.model or "default")
         if config.warmup:
-            self.warmup()
+            import jax
+            if jax.default_backend() == "cpu":
+                # CPU compiles are slow (seconds per bucket): compile lazily, as shapes are first met.
+                logger.info("CPU backend: skipping bucket warm-up; programs compile on first use")
+            else:
+                self.warmup()
 
     def _eos_ids(self) -> List[int]:
         ids = set()
