@@ -213,3 +213,24 @@ def test_chat_uses_fallback_template(llm):
                    use_tqdm=False)[0]
     assert out.prompt == "user: hi\nassistant:"
     assert len(out.outputs[0].token_ids) == 2
+
+
+def test_pallas_backend_interpret_matches_hf(gpt2_dir):
+    """The Pallas kernels (interpret mode on the CPU) inside the full engine give HF's greedy tokens."""
+    rng = np.random.default_rng()
+    prompts = [rand_prompt(rng, n) for n in (3, 17, 33)]
+    llm = LLM(gpt2_dir, dtype="float32", attention_backend="pallas", warmup=False, compile_cache_dir=None,
+              max_num_batched_tokens=32)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        support.assert_same_greedy(gpt2_dir, p, o.outputs[0].token_ids, support.hf_greedy(gpt2_dir, p, 6))
+
+
+def test_target_itl_shrinks_decode_batch(gpt2_dir):
+    eng = LLMEngine(model=gpt2_dir, max_num_seqs=8, target_itl_ms=1e-6, **BASE)
+    rng = np.random.default_rng()
+    for i in range(8):
+        eng.add_request(f"r{i}", rand_prompt(rng), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.scheduler.decode_cap < 8
