@@ -189,15 +189,10 @@ class LLMEngine:
             t0 = time.perf_counter()
             rows = out.scheduled
             pad_to = self.runner.padded_num_seqs(out)
-            per_step = [sampling.build_sampling_batch(
-                [(_Ahead(s.seq, j) if j else s.seq, s.seq.request.params) for s in rows], pad_to=pad_to,
-                eos_token_ids=self.eos_token_ids, engine_seed=self.config.seed, vocab_size=self.vocab_size)
-                for j in range(out.num_steps)]
-            flags = per_step[0][1]
-            if out.num_steps == 1:
-                sbatch = per_step[0][0]
-            else:  # one batch per fused step (keys advance with the token index), stacked
-                sbatch = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[b for b, _ in per_step])
+            # one call builds every fused step's rows (keys advance with the token index), stacked [num_steps, ...]
+            sbatch, flags = sampling.build_sampling_batch(
+                [(s.seq, s.seq.request.params) for s in rows], pad_to=pad_to, eos_token_ids=self.eos_token_ids,
+                engine_seed=self.config.seed, vocab_size=self.vocab_size, num_steps=out.num_steps)
             result = self.runner.execute(out, sbatch, flags)
             self._step_counter += 1
             self.scheduler.commit_step(out)
@@ -330,20 +325,6 @@ class LLMEngine:
 
     def warmup(self) -> None:
         self.runner.warmup()
-
-
-class _Ahead:
-    """A sequence as it will be j tokens from now (for the sampling rows of fused decode step j)."""
-
-    def __init__(self, seq: Sequence, j: int):
-        self._seq, self._j = seq, j
-
-    @property
-    def num_output_tokens(self) -> int:
-        return self._seq.num_output_tokens + self._j
-
-    def __getattr__(self, name):
-        return getattr(self._seq, name)
 
 
 class _StepView:
