@@ -24,7 +24,7 @@ import sys
 import time
 import uuid
 from functools import partial
-from typing import Any, AsyncIterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, AsyncIterator, Callable, List, Optional, Sequence, Tuple, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -186,6 +186,10 @@ class _Tracker:
         self.final: Optional[RequestOutput] = None
         self.last: Optional[RequestOutput] = None
         self.ttft: Optional[float] = None
+
+
+# (prompt index, cumulative output, its tracker, new text) -> the streamed choice, or None: nothing to send yet
+ChoiceFn = Callable[[int, CompletionOutput, _Tracker, str], Optional[dict]]
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -454,6 +458,65 @@ def create_app(async_engine: AsyncEngine, settings: Optional[ServerSettings] = N
                                   "bytes": list(token_text(t, l).encode("utf-8"))} for t, l in ranked]})
         return {"content": content}
 
+    # ------------------------------------------------------------------------------------ streaming
+    def stream_response(rid: str, endpoint: str, streams: List[RequestStream], trackers: List[_Tracker], n: int,
+                        arrival: float, client: Optional[str], *, envelope: dict, first_choices: List[dict],
+                        choice_of: ChoiceFn, include_usage: bool, continuous_usage: bool) -> SSEResponse:
+        """The SSE answer shared by completions and chat; only the chunk contents differ per endpoint.
+
+        `envelope`: the fixed fields of every chunk (id, object, ...), before `choices`. `first_choices`: sent one
+        per chunk before any output (echoed prompts, chat role deltas). `choice_of(prompt_index, output, tracker,
+        text_delta)` builds the choice for one new output, or returns None when there is nothing to send yet (it
+        may mark tokens as consumed in `tracker.ntok`). However the stream ends, the engine requests are aborted
+        (freeing their blocks), the trackers finished and the request logged."""
+
+        def chunk(choices, usage=None, with_usage=False) -> str:
+            obj = {**envelope, "choices": choices}
+            if with_usage:
+                obj["usage"] = usage
+            return sse(obj)
+
+        async def gen():
+            aborted = True
+            try:
+                for ch in first_choices:
+                    yield chunk([ch], None, include_usage)
+                async for pi, out in merged(streams):
+                    tr = trackers[pi]
+                    observe(tr, out, time.monotonic(), True)
+                    for c in out.outputs:
+                        j = c.index
+                        if j >= n or tr.done[j]:
+                            continue
+                        delta = c.text[len(tr.text[j]):] if c.text.startswith(tr.text[j]) else c.text
+                        ch = choice_of(pi, c, tr, delta)
+                        if ch is None:
+                            continue
+                        tr.text[j] = c.text if c.text.startswith(tr.text[j]) else tr.text[j] + delta
+                        tr.ntok[j] = len(c.token_ids)
+                        if c.finish_reason is not None:
+                            tr.done[j] = True
+                            ch["stop_reason"] = c.stop_reason
+                        yield chunk([ch], usage_of(trackers) if continuous_usage else None, include_usage)
+                aborted = False
+                if include_usage:
+                    yield chunk([], usage_of(trackers), True)
+                yield "data: [DONE]\n\n"
+            except (EngineDeadError, EngineUnavailableError) as e:
+                yield sse(unavailable(e).body())
+                yield "data: [DONE]\n\n"
+            except ValueError as e:     # both endpoints name "prompt" here (chat's non-streamed path says "messages")
+                yield sse(map_engine_value_error(e, "prompt").body())
+                yield "data: [DONE]\n\n"
+            finally:
+                for s in streams:
+                    s.abort()
+                finish_trackers(trackers, time.monotonic())
+                log_finished(rid, endpoint, trackers, n, True, arrival, client, aborted=aborted)
+
+        return SSEResponse(gen(), headers={"x-request-id": rid, "cache-control": "no-cache"},
+                           on_close=partial(_abort_all, streams))
+
     # -------------------------------------------------------------------------------------------- routes
     @app.get("/health")
     async def health():
@@ -546,65 +609,24 @@ def create_app(async_engine: AsyncEngine, settings: Optional[ServerSettings] = N
         created_at = int(time.time())
 
         if body.stream:
-            def chunk(choices, usage=None, with_usage=False) -> str:
-                obj = {"id": rid, "object": "text_completion", "created": created_at, "model": resp_model,
-                       "choices": choices}
-                if with_usage:
-                    obj["usage"] = usage
-                return sse(obj)
+            def completion_choice(pi: int, c: CompletionOutput, tr: _Tracker, delta: str) -> Optional[dict]:
+                j = c.index
+                lp = completion_logprobs(c, tr.ntok[j], len(echo_text[pi]) + len(tr.text[j]))
+                if not delta and c.finish_reason is None:
+                    if len(c.token_ids) <= tr.ntok[j]:       # nothing new at all
+                        return None
+                    if lp is None:                            # new tokens, no text yet, no logprobs to send
+                        tr.ntok[j] = len(c.token_ids)
+                        return None
+                return {"index": pi * n + j, "text": delta, "logprobs": lp, "finish_reason": c.finish_reason}
 
-            async def gen():
-                aborted = True
-                try:
-                    with_usage = body.include_usage
-                    if body.echo:
-                        for pi in range(len(prompts)):
-                            for j in range(n):
-                                yield chunk([{"index": pi * n + j, "text": echo_text[pi], "logprobs": None,
-                                              "finish_reason": None}], None, with_usage)
-                    async for pi, out in merged(streams):
-                        tr = trackers[pi]
-                        observe(tr, out, time.monotonic(), True)
-                        for c in out.outputs:
-                            j = c.index
-                            if j >= n or tr.done[j]:
-                                continue
-                            delta = c.text[len(tr.text[j]):] if c.text.startswith(tr.text[j]) else c.text
-                            lp = completion_logprobs(c, tr.ntok[j], len(echo_text[pi]) + len(tr.text[j]))
-                            new_tokens = len(c.token_ids) > tr.ntok[j]
-                            finish = c.finish_reason
-                            if not delta and finish is None and not new_tokens:
-                                continue
-                            if not delta and finish is None and lp is None:
-                                tr.ntok[j] = len(c.token_ids)
-                                continue
-                            tr.text[j] = c.text if c.text.startswith(tr.text[j]) else tr.text[j] + delta
-                            tr.ntok[j] = len(c.token_ids)
-                            ch = {"index": pi * n + j, "text": delta, "logprobs": lp, "finish_reason": finish}
-                            if finish is not None:
-                                tr.done[j] = True
-                                ch["stop_reason"] = c.stop_reason
-                            yield chunk([ch], usage_of(trackers) if body.continuous_usage else None, with_usage)
-                    aborted = False
-                    if with_usage:
-                        yield chunk([], usage_of(trackers), True)
-                    yield "data: [DONE]\n\n"
-                except (EngineDeadError, EngineUnavailableError) as e:
-                    yield sse(unavailable(e).body())
-                    yield "data: [DONE]\n\n"
-                except ValueError as e:
-                    yield sse(map_engine_value_error(e, "prompt").body())
-                    yield "data: [DONE]\n\n"
-                finally:
-                    for s in streams:
-                        s.abort()
-                    now = time.monotonic()
-                    finish_trackers(trackers, now)
-                    log_finished(rid, "/v1/completions", trackers, n, True, arrival, client,
-                                 aborted=aborted)
-
-            return SSEResponse(gen(), headers={"x-request-id": rid, "cache-control": "no-cache"},
-                               on_close=partial(_abort_all, streams))
+            echo_choices = [{"index": pi * n + j, "text": echo_text[pi], "logprobs": None, "finish_reason": None}
+                            for pi in range(len(prompts)) for j in range(n)] if body.echo else []
+            return stream_response(
+                rid, "/v1/completions", streams, trackers, n, arrival, client,
+                envelope={"id": rid, "object": "text_completion", "created": created_at, "model": resp_model},
+                first_choices=echo_choices, choice_of=completion_choice, include_usage=body.include_usage,
+                continuous_usage=body.continuous_usage)
 
         async def collect():
             try:
@@ -670,58 +692,23 @@ def create_app(async_engine: AsyncEngine, settings: Optional[ServerSettings] = N
         created_at = int(time.time())
 
         if body.stream:
-            def chunk(choices, usage=None, with_usage=False) -> str:
-                obj = {"id": rid, "object": "chat.completion.chunk", "created": created_at, "model": resp_model,
-                       "system_fingerprint": None, "choices": choices}
-                if with_usage:
-                    obj["usage"] = usage
-                return sse(obj)
+            def chat_choice(pi: int, c: CompletionOutput, tr: _Tracker, delta: str) -> Optional[dict]:
+                j = c.index
+                lp = chat_logprobs(c, tr.ntok[j], top_n) if body.logprobs else None
+                if not delta and c.finish_reason is None and not (lp and lp["content"]):
+                    tr.ntok[j] = len(c.token_ids)
+                    return None
+                return {"index": j, "delta": {"content": delta} if delta else {}, "logprobs": lp,
+                        "finish_reason": c.finish_reason}
 
-            async def gen():
-                aborted = True
-                try:
-                    with_usage = body.include_usage
-                    for j in range(n):
-                        yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                      "finish_reason": None}], None, with_usage)
-                    async for _, out in merged(streams):
-                        observe(tr, out, time.monotonic(), True)
-                        for c in out.outputs:
-                            j = c.index
-                            if j >= n or tr.done[j]:
-                                continue
-                            delta = c.text[len(tr.text[j]):] if c.text.startswith(tr.text[j]) else c.text
-                            lp = chat_logprobs(c, tr.ntok[j], top_n) if body.logprobs else None
-                            finish = c.finish_reason
-                            if not delta and finish is None and not (lp and lp["content"]):
-                                tr.ntok[j] = len(c.token_ids)
-                                continue
-                            tr.text[j] = c.text if c.text.startswith(tr.text[j]) else tr.text[j] + delta
-                            tr.ntok[j] = len(c.token_ids)
-                            ch = {"index": j, "delta": {"content": delta} if delta else {}, "logprobs": lp,
-                                  "finish_reason": finish}
-                            if finish is not None:
-                                tr.done[j] = True
-                                ch["stop_reason"] = c.stop_reason
-                            yield chunk([ch], usage_of(trackers) if body.continuous_usage else None, with_usage)
-                    aborted = False
-                    if with_usage:
-                        yield chunk([], usage_of(trackers), True)
-                    yield "data: [DONE]\n\n"
-                except (EngineDeadError, EngineUnavailableError) as e:
-                    yield sse(unavailable(e).body())
-                    yield "data: [DONE]\n\n"
-                except ValueError as e:
-                    yield sse(map_engine_value_error(e, "prompt").body())
-                    yield "data: [DONE]\n\n"
-                finally:
-                    for s in streams:
-                        s.abort()
-                    finish_trackers(trackers, time.monotonic())
-                    log_finished(rid, "/v1/chat/completions", trackers, n, True, arrival, client, aborted=aborted)
-
-            return SSEResponse(gen(), headers={"x-request-id": rid, "cache-control": "no-cache"},
-                               on_close=partial(_abort_all, streams))
+            role_choices = [{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None} for j in range(n)]
+            return stream_response(
+                rid, "/v1/chat/completions", streams, trackers, n, arrival, client,
+                envelope={"id": rid, "object": "chat.completion.chunk", "created": created_at, "model": resp_model,
+                          "system_fingerprint": None},
+                first_choices=role_choices, choice_of=chat_choice, include_usage=body.include_usage,
+                continuous_usage=body.continuous_usage)
 
         async def collect():
             try:
