@@ -23,14 +23,14 @@ Dense kernels are [in, out], the layout of HF's Conv1D weights, so conversion is
 from __future__ import annotations
 
 import functools
-from typing import Dict, Optional
+from typing import Dict
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attention_dense import dense_causal_attention
+from .base import CausalLMBase, DecoderModule
 from .config import ModelConfig
 
 # HF GPT-2 option -> the only value we implement (anything else raises rather than silently differs)
@@ -138,16 +138,6 @@ class Dense(nn.Module):
         return jnp.dot(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)
 
 
-class LMHead(nn.Module):
-    """Untied LM head: [..., D] @ kernel [D, V] -> float32 [..., V], accumulated in float32."""
-    features: int
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features))
-        return jnp.einsum("...d,dv->...v", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
-
-
 class GPT2Block(nn.Module):
     cfg: ModelConfig
 
@@ -167,91 +157,23 @@ class GPT2Block(nn.Module):
         return x, kv_cache
 
 
-class GPT2Module(nn.Module):
-    cfg: ModelConfig
-
+class GPT2Module(DecoderModule):
     def setup(self):
         cfg = self.cfg
         self.wte = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="wte")
         self.wpe = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="wpe")
-        self.blocks = [GPT2Block(cfg, name=f"h_{i}") for i in range(cfg.num_layers)]
-        self.ln_f = LayerNorm(cfg.norm_eps, name="ln_f")
-        if not cfg.tie_word_embeddings:
-            self.lm_head = LMHead(cfg.vocab_size, name="lm_head")
+        self.layers = [GPT2Block(cfg, name=f"h_{i}") for i in range(cfg.num_layers)]
+        self.final_norm = LayerNorm(cfg.norm_eps, name="ln_f")
+        self.setup_lm_head()
 
-    def __call__(self, input_ids, positions, attention, kv_caches):
+    def embed(self, input_ids, positions):
         dtype = self.wte.embedding.dtype
         x = (jnp.take(self.wte.embedding, input_ids, axis=0)
              + jnp.take(self.wpe.embedding, positions, axis=0)).astype(dtype)    # [*lead, D]
-        new_caches = None if kv_caches is None else []
-        for i, block in enumerate(self.blocks):  # unrolled on purpose: per-layer caches stay separate arrays
-            x, c = block(x, i, attention, None if kv_caches is None else kv_caches[i])
-            if new_caches is not None:
-                new_caches.append(c)
-        x = self.ln_f(x)
-        if self.is_initializing() and not self.cfg.tie_word_embeddings:
-            self.lm_head(x)  # create the untied head's params during `init`
-        return x, new_caches
+        return x, ()
 
-    def logits(self, hidden):
-        # LM head: [..., D] -> float32 [..., V], products accumulated in float32
-        if self.cfg.tie_word_embeddings:
-            w = self.wte.embedding                                                # [V, D]
-            return jnp.einsum("...d,vd->...v", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
-        return self.lm_head(hidden)
-
-
-class CausalLMBase:
-    """A Flax module + host params implementing the models/base.py contract (shared by GPT-2 and Llama).
-
-    `logits` keeps one device copy of `params` (made on first use, remade when `.params` is replaced), so repeated
-    scoring calls do not re-upload the weights."""
-    module_cls = None
-
-    def __init__(self, config: ModelConfig, params: Optional[dict] = None):
-        self.config = config
-        self.module = self.module_cls(config)
-        self.params = params
-        self._logits_jit = jax.jit(self._full_logits)
-        self._device_params = None
-        self._device_params_of = None  # the host pytree `_device_params` was made from
-
-    def init_params(self, seed: int = 0, dtype=jnp.float32) -> dict:
-        """Random params of this config (numpy), e.g. for tests and shape inspection."""
-        ids = jnp.zeros((1, 2), jnp.int32)
-        variables = self.module.init(jax.random.PRNGKey(seed), ids, jnp.zeros_like(ids),
-                                     dense_causal_attention(), None)
-        return jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=dtype), variables["params"])
-
-    def apply_hidden(self, params, input_ids, positions, attention, kv_caches):
-        """(input_ids, positions int [*lead]) -> (final-norm hidden [*lead, D], updated kv_caches)."""
-        return self.module.apply({"params": params}, input_ids, positions, attention, kv_caches)
-
-    def apply_logits(self, params, hidden):
-        """hidden [..., D] -> float32 logits [..., V]."""
-        return self.module.apply({"params": params}, hidden, method=self.module_cls.logits)
-
-    def _full_logits(self, params, input_ids, mask):
-        B, S = input_ids.shape
-        positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))      # [B, S]
-        hidden, _ = self.apply_hidden(params, input_ids, positions, dense_causal_attention(mask), None)
-        return self.apply_logits(params, hidden)                                  # [B, S, V] float32
-
-    def logits(self, input_ids: np.ndarray, attention_mask: Optional[np.ndarray] = None) -> np.ndarray:
-        """Full-sequence scoring: int [B, S] (right-padded, `attention_mask` 1 = real token) -> float32 numpy
-        [B, S, V]. Rows at padded positions are meaningless. Compiles once per (B, S)."""
-        ids = np.asarray(input_ids)
-        if ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
-        if ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_position_embeddings="
-                             f"{self.config.max_position_embeddings}")
-        mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
-        if self._device_params is None or self._device_params_of is not self.params:
-            self._device_params = jax.device_put(self.params)
-            self._device_params_of = self.params
-        out = self._logits_jit(self._device_params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask))
-        return np.asarray(out, dtype=np.float32)
+    def token_embedding(self):
+        return self.wte.embedding
 
 
 class GPT2ForCausalLM(CausalLMBase):

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .base import CausalLMBase, DecoderModule
 from .config import ModelConfig
-from .gpt2 import CausalLMBase
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -174,12 +174,11 @@ class RMSNorm(nn.Module):
 class Dense(nn.Module):
     features: int
     use_bias: bool = False
-    float32_out: bool = False  # LM head: accumulate and return float32
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features))
-        y = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32 if self.float32_out else None)
+        y = jnp.dot(x, kernel.astype(x.dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
         return y
@@ -207,36 +206,20 @@ class LlamaBlock(nn.Module):
         return x, kv_cache
 
 
-class LlamaModule(nn.Module):
-    cfg: ModelConfig
-
+class LlamaModule(DecoderModule):
     def setup(self):
         cfg = self.cfg
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")
         self.layers = [LlamaBlock(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
-        self.norm = RMSNorm(cfg.norm_eps, name="norm")
-        if not cfg.tie_word_embeddings:
-            self.lm_head = Dense(cfg.vocab_size, float32_out=True, name="lm_head")
+        self.final_norm = RMSNorm(cfg.norm_eps, name="norm")
+        self.setup_lm_head()
 
-    def __call__(self, input_ids, positions, attention, kv_caches):
+    def embed(self, input_ids, positions):
         rope = rope_cos_sin(positions, jnp.asarray(rope_inv_freq(self.cfg)))       # shared by all layers
-        x = jnp.take(self.embed_tokens.embedding, input_ids, axis=0)                # [*lead, D]
-        new_caches = None if kv_caches is None else []
-        for i, layer in enumerate(self.layers):
-            x, c = layer(x, rope, i, attention, None if kv_caches is None else kv_caches[i])
-            if new_caches is not None:
-                new_caches.append(c)
-        x = self.norm(x)
-        if self.is_initializing() and not self.cfg.tie_word_embeddings:
-            self.lm_head(x)  # create the untied head's params during `init`
-        return x, new_caches
+        return jnp.take(self.embed_tokens.embedding, input_ids, axis=0), (rope,)   # [*lead, D]
 
-    def logits(self, hidden):
-        # [..., D] -> float32 [..., V], accumulated in float32
-        if self.cfg.tie_word_embeddings:
-            return jnp.einsum("...d,vd->...v", hidden, self.embed_tokens.embedding.astype(hidden.dtype),
-                              preferred_element_type=jnp.float32)
-        return self.lm_head(hidden)
+    def token_embedding(self):
+        return self.embed_tokens.embedding
 
 
 class LlamaForCausalLM(CausalLMBase):
