@@ -40,10 +40,15 @@ def smollm2_shape_dir(path: str) -> str:
 
 
 def _save_tokenizer(path: str, vocab_size: int) -> None:
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    import support
-    support.tiny_tokenizer(384).save_pretrained(path)
+    """A word-level tokenizer covering every id of the model: id i <-> the word "w{i}" (id 0 is EOS). Random
+    weights sample ids anywhere in the vocabulary, and a streaming benchmark needs text for each of them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="w0", eos_token="w0",
+                            unk_token="w0").save_pretrained(path)
 
 
 def workload(name: str) -> Tuple[List[List[int]], List[int]]:
@@ -111,3 +116,22 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
     return "" if v is None else str(v)
+
+
+def bar_plot(path: str, labels: List[str], values: List[float], ylabel: str, title: str) -> None:
+    """A labelled bar chart as PNG (skipped with a note where matplotlib is missing)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", path)
+        return
+    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(labels)), 3.2))
+    bars = ax.bar(labels, values, color="#4878a8")
+    ax.bar_label(bars, fmt="%.3g")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

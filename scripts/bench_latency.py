@@ -43,6 +43,15 @@ def run_yaie(model_dir, prompt, max_new, args):
         if rep > 0:  # first repeat is warm-up
             results.append({"ttft_ms": (t_first - t0) * 1e3, "ms_per_token": (t_end - t_first) * 1e3 / (n - 1),
                             "startup_s": startup_s})
+    if args.profile:
+        import profile_summary
+        trace_dir = os.path.join(args.out, "trace_W2")
+        with profile_summary.trace(trace_dir):
+            eng.add_request("profiled", prompt, params)
+            while eng.has_unfinished_requests():
+                eng.step()
+        results[-1]["profile"] = profile_summary.summarize(trace_dir)
+        profile_summary.print_summary(results[-1]["profile"])
     return results
 
 
@@ -78,6 +87,7 @@ def main():
     ap.add_argument("--num-decode-steps", type=int, default=16)
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="one more run under jax.profiler, summarized")
     args = ap.parse_args()
     prompts, max_new = bc.workload("W2")
     model_dir = bc.gpt2_124m_dir(os.path.join(args.model_root, "gpt2_124m"))

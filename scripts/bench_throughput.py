@@ -38,16 +38,36 @@ def run_yaie(model_dir: str, prompts, max_new, args, enable_prefix_caching: bool
     llm.generate(prompts, params, use_tqdm=False)
     print(f"warm-up pass {time.perf_counter() - t0:.1f} s", flush=True)
     llm.engine.block_manager.reset_prefix_cache()
+    host0 = dict(llm.engine.host_time_s)
+    steps0 = llm.get_stats()["num_steps"]
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=True)
     elapsed = time.perf_counter() - t0
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     ttfts = [o.metrics["first_token_time"] - o.metrics["arrival_time"] for o in outs]
     stats = llm.get_stats()
-    return {"elapsed_s": elapsed, "output_tokens": n_out, "output_tok_s": n_out / elapsed,
-            "mean_ttft_s": sum(ttfts) / len(ttfts), "startup_s": startup_s,
-            "prefix_cache_hit_tokens": stats.get("prefix_cache_hit_tokens"),
-            "num_preemptions": stats.get("num_preemptions")}
+    row = {"elapsed_s": elapsed, "output_tokens": n_out, "output_tok_s": n_out / elapsed,
+           "mean_ttft_s": sum(ttfts) / len(ttfts), "startup_s": startup_s,
+           "prefix_cache_hit_tokens": stats.get("prefix_cache_hit_tokens"),
+           "num_preemptions": stats.get("num_preemptions"), "num_device_calls": stats["num_steps"] - steps0,
+           "num_pipelined_calls": stats.get("num_pipelined_calls"),
+           # host seconds per engine phase in the timed pass; wait_device ~ time the host had nothing to do
+           "host_time_s": {k: v - host0.get(k, 0.0) for k, v in stats["host_time_s"].items()}}
+    if args.profile_prompts:
+        row["profile"] = profile_pass(llm, prompts[:args.profile_prompts], params[:args.profile_prompts], args)
+    return row
+
+
+def profile_pass(llm, prompts, params, args) -> dict:
+    """One more (untimed) pass under jax.profiler; returns the trace summary (scripts/profile_summary.py)."""
+    import profile_summary
+    trace_dir = os.path.join(args.out, f"trace_{args.workload}")
+    llm.engine.block_manager.reset_prefix_cache()
+    with profile_summary.trace(trace_dir):
+        llm.generate(prompts, params, use_tqdm=False)
+    summary = profile_summary.summarize(trace_dir)
+    profile_summary.print_summary(summary)
+    return summary
 
 
 def run_hf(model_dir: str, prompts, max_new, args) -> dict:
@@ -59,7 +79,7 @@ def run_hf(model_dir: str, prompts, max_new, args) -> dict:
     gen = GenerationConfig(max_new_tokens=max(max_new), do_sample=False, eos_token_id=None, pad_token_id=0,
                            use_cuda_graph=True)
     if len(set(max_new)) != 1:
-        print("note: HF generate_batch takes one max_new_tokens; using the max of the workload", file=sys.stderr)
+        return run_hf_manager(model, gen, prompts, max_new)
     # warm-up (compile / graph capture) on a slice; the manager persists so the timed pass reuses it
     model.generate_batch(prompts[:64], generation_config=gen, progress_bar=False, persistent_manager=True)
     torch.cuda.synchronize()
@@ -71,6 +91,37 @@ def run_hf(model_dir: str, prompts, max_new, args) -> dict:
     return {"elapsed_s": elapsed, "output_tokens": n_out, "output_tok_s": n_out / elapsed}
 
 
+def run_hf_manager(model, gen, prompts, max_new) -> dict:
+    """Per-request max_new_tokens (W6) through HF's continuous-batching manager (generate_batch takes one)."""
+    import torch
+    manager = model.init_continuous_batching(generation_config=gen)
+    manager.start()
+
+    def run(batch, limits, tag):
+        for i, (p, m) in enumerate(zip(batch, limits)):
+            manager.add_request(p, request_id=f"{tag}{i}", max_new_tokens=m)
+        done, n_out = 0, 0
+        while done < len(batch):
+            r = manager.get_result(timeout=1)
+            if r is not None and r.is_finished():
+                done += 1
+                n_out += len(r.generated_tokens)
+            elif r is None and not manager.is_running():
+                raise RuntimeError("HF continuous batching manager stopped")
+        return n_out
+
+    try:
+        run(prompts[:64], max_new[:64], "warm")
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        n_out = run(prompts, max_new, "r")
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+    finally:
+        manager.stop(block=True)
+    return {"elapsed_s": elapsed, "output_tokens": n_out, "output_tok_s": n_out / elapsed}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", default="W1", choices=["W1", "W4", "W6"])
@@ -78,14 +129,16 @@ def main() -> None:
     ap.add_argument("--model-root", default=os.path.expanduser("~/.cache/yaie_bench"))
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    ap.add_argument("--max-num-seqs", type=int, default=512)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--num-decode-steps", type=int, default=8)
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--hf-attn", default="paged|sdpa")
+    ap.add_argument("--profile-prompts", type=int, default=0,
+                    help="after the timed pass, run the first N prompts again under jax.profiler and summarize")
     args = ap.parse_args()
 
     prompts, max_new = bc.workload(args.workload)

@@ -40,6 +40,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     target_itl_ms: Optional[float] = None       # adaptive decode batch to hold this inter-token latency
     num_decode_steps: int = 1                   # decode steps fused in one device call when nothing waits
+    async_scheduling: bool = True               # dispatch fused call i+1 before reading call i's tokens
     compile_cache_dir: Optional[str] = dataclasses.field(default_factory=default_compile_cache_dir)
     warmup: bool = True                         # compile every bucket at start-up
     served_model_name: Optional[str] = None

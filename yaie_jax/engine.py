@@ -6,10 +6,11 @@ conditions and frees finished sequences' memory (their computed blocks go to the
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import time
-from typing import Dict, Iterable, List, Optional, Sequence as Seq, Union
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence as Seq, Union
 
 import jax
 import numpy as np
@@ -92,9 +93,16 @@ class LLMEngine:
         self.vocab_size = self.model_config.vocab_size
         self._request_counter = itertools.count()
         self._step_counter = 0
+        self._inflight: Optional[_InFlight] = None        # a dispatched fused decode call not yet read back
+        self._last_pipelined_t: Optional[float] = None
+        # host seconds per phase of step() (schedule, sampling_batch, dispatch, wait_device, process): where the
+        # host's time goes; wait_device near 0 means the device waits on the host
+        self.host_time_s: Dict[str, float] = collections.defaultdict(float)
+        self._num_pipelined_calls = 0                     # fused calls dispatched before the previous was read
+        # pipelining needs the previous call's tokens on this process's devices: single-process only
+        self._async_scheduling = config.async_scheduling and jax.process_count() == 1
         self.served_model_name = config.served_model_name or (config.model or "default")
         if config.warmup:
-            import jax
             if jax.default_backend() == "cpu":
                 # CPU compiles are slow (seconds per bucket): compile lazily, as shapes are first met.
                 logger.info("CPU backend: skipping bucket warm-up; programs compile on first use")
@@ -178,49 +186,114 @@ class LLMEngine:
                 self.scheduler.pop_finished(req)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # ------------------------------------------------------------------ the step
     def step(self) -> List[RequestOutput]:
+        """One scheduling step: returns the outputs of requests that advanced (streaming) or finished.
+
+        Fused decode calls are pipelined (`async_scheduling`): the next fused call is scheduled and dispatched
+        before the tokens of the one in flight are read back, so the host's bookkeeping for call i overlaps the
+        device's work on call i+1. A step() then returns call i's outputs while call i+1 runs."""
+        if self._inflight is not None:
+            return self._step_pipelined()
+        t0 = time.perf_counter()
         out = self.scheduler.schedule()
+        self.host_time_s["schedule"] += time.perf_counter() - t0
+        if out.scheduled and out.num_steps > 1 and self._async_scheduling:
+            self._inflight = self._dispatch(out)
+            return self._step_pipelined(timed_out=out.timed_out)
         finished_now: Dict[str, Request] = {r.request_id: r for r in out.timed_out}
         touched: Dict[str, Request] = {}
         if out.scheduled:
             t0 = time.perf_counter()
-            rows = out.scheduled
-            pad_to = self.runner.padded_num_seqs(out)
-            # one call builds every fused step's rows (keys advance with the token index), stacked [num_steps, ...]
-            sbatch, flags = sampling.build_sampling_batch(
-                [(s.seq, s.seq.request.params) for s in rows], pad_to=pad_to, eos_token_ids=self.eos_token_ids,
-                engine_seed=self.config.seed, vocab_size=self.vocab_size, num_steps=out.num_steps)
-            result = self.runner.execute(out, sbatch, flags)
-            self._step_counter += 1
-            self.scheduler.commit_step(out)
-            step_ms = (time.perf_counter() - t0) * 1e3
-            self.scheduler.record_step_time(step_ms, len(rows) if out.is_decode_only else 0)
-            now = time.monotonic()
-            K = out.num_steps
-            for i, s in enumerate(rows):
-                seq = s.seq
-                req = seq.request
-                if not s.sample or seq.status is not SeqStatus.RUNNING:
-                    continue
-                for j in range(K):
-                    step_result = result if K == 1 else _StepView(result, j)
-                    token = int(step_result.token_ids[i])
-                    self._append_token(seq, token, step_result, i)
-                    if req.first_token_time is None:
-                        req.first_token_time = now
-                    if seq.num_output_tokens == 1 and self.config.enable_prefix_caching:
-                        # the prompt is computed: share it with requests admitted from now on
-                        self.block_manager.cache_sequence(seq.seq_id, seq.token_ids[:seq.num_computed_tokens])
-                    self._check_stop(seq)
-                    if seq.status is not SeqStatus.RUNNING:
-                        break       # tokens sampled after a stop in a fused multi-step call are dropped
-                if req.finished:
-                    finished_now[req.request_id] = req
-                elif req.stream:
-                    touched[req.request_id] = req
+            inflight = self._dispatch(out)
+            result = self._fetch(inflight)
+            self._process(out, result, finished_now, touched)
+            self.scheduler.record_step_time((time.perf_counter() - t0) * 1e3,
+                                            len(out.scheduled) if out.is_decode_only else 0)
+        return self._outputs(finished_now, touched)
+
+    def _fetch(self, inflight: "_InFlight"):
+        """Wait for a dispatched call and bring its sampled ids to the host (the only device -> host copy)."""
+        t0 = time.perf_counter()
+        result = jax.device_get(inflight.result)
+        self.host_time_s["wait_device"] += time.perf_counter() - t0
+        return result
+
+    def _dispatch(self, out: SchedulerOutput, prev: Optional["_InFlight"] = None) -> "_InFlight":
+        """Build the step's sampling batch, enqueue the step on the device and commit it in the scheduler.
+        prev: the fused call still in flight whose last tokens are this call's inputs (pipelined decode)."""
+        t0 = time.perf_counter()
+        rows = out.scheduled
+        pending = prev.out.num_steps if prev is not None else 0
+        # one call builds every fused step's rows (keys advance with the token index), stacked [num_steps, ...]
+        sbatch, flags = sampling.build_sampling_batch(
+            [(s.seq, s.seq.request.params) for s in rows], pad_to=self.runner.padded_num_seqs(out),
+            eos_token_ids=self.eos_token_ids, engine_seed=self.config.seed, vocab_size=self.vocab_size,
+            num_steps=out.num_steps, step_offset=pending)
+        prev_tokens = (prev.result.token_ids, prev.rows) if prev is not None else None
+        t1 = time.perf_counter()
+        result = self.runner.dispatch(out, sbatch, flags, prev_tokens=prev_tokens)
+        self._step_counter += 1
+        self.scheduler.commit_step(out)
+        t2 = time.perf_counter()
+        self.host_time_s["sampling_batch"] += t1 - t0
+        self.host_time_s["dispatch"] += t2 - t1
+        return _InFlight(out, result, {s.seq.seq_id: i for i, s in enumerate(rows)})
+
+    def _step_pipelined(self, timed_out: Iterable[Request] = ()) -> List[RequestOutput]:
+        """Dispatch the continuation of the fused call in flight (if the scheduler has one), then read back and
+        process the call in flight."""
+        cur = self._inflight
+        t0 = time.perf_counter()
+        nxt_out = self.scheduler.schedule_continuation(pending=cur.out.num_steps)
+        self.host_time_s["schedule"] += time.perf_counter() - t0
+        self._inflight = self._dispatch(nxt_out, prev=cur) if nxt_out.scheduled else None
+        self._num_pipelined_calls += self._inflight is not None
+        finished_now: Dict[str, Request] = {r.request_id: r for r in list(timed_out) + nxt_out.timed_out}
+        touched: Dict[str, Request] = {}
+        result = self._fetch(cur)
+        self._process(cur.out, result, finished_now, touched)
+        now = time.perf_counter()
+        if self._last_pipelined_t is not None and self._inflight is not None:
+            self.scheduler.record_step_time((now - self._last_pipelined_t) * 1e3, len(cur.out.scheduled))
+        self._last_pipelined_t = now if self._inflight is not None else None
+        return self._outputs(finished_now, touched)
+
+    def _process(self, out: SchedulerOutput, result, finished_now: Dict[str, Request],
+                 touched: Dict[str, Request]) -> None:
+        """Append the sampled tokens of a finished device call (host arrays), apply stop conditions, note which
+        requests advanced or finished. Rows whose sequence is no longer running (finished or aborted while the
+        call was in flight) are skipped, and so are tokens sampled after a sequence stopped."""
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        K = out.num_steps
+        tokens = result.token_ids.tolist()                 # [S] or [num_steps, S]
+        views = [result] if K == 1 else [_StepView(result, j) for j in range(K)]
+        for i, s in enumerate(out.scheduled):
+            seq = s.seq
+            req = seq.request
+            if not s.sample or seq.status is not SeqStatus.RUNNING:
+                continue
+            for j in range(K):
+                token = tokens[i] if K == 1 else tokens[j][i]
+                self._append_token(seq, token, views[j], i)
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                if seq.num_output_tokens == 1 and self.config.enable_prefix_caching:
+                    # the prompt is computed: share it with requests admitted from now on
+                    self.block_manager.cache_sequence(seq.seq_id, seq.token_ids[:seq.num_computed_tokens])
+                self._check_stop(seq)
+                if seq.status is not SeqStatus.RUNNING:
+                    break       # tokens sampled after a stop in a fused multi-step call are dropped
+            if req.finished:
+                finished_now[req.request_id] = req
+            elif req.stream:
+                touched[req.request_id] = req
+        self.host_time_s["process"] += time.perf_counter() - t0
+
+    def _outputs(self, finished_now: Dict[str, Request], touched: Dict[str, Request]) -> List[RequestOutput]:
         outputs = [self._make_output(r) for r in touched.values() if r.request_id not in finished_now]
         for req in finished_now.values():
             outputs.append(self._make_output(req))
@@ -321,10 +394,18 @@ class LLMEngine:
                          + self.block_manager.num_evictable_gpu_blocks)
         stats["kv_cache_usage"] = 1.0 - stats["kv_blocks_free"] / max(1, stats["kv_blocks_total"])
         stats["num_steps"] = self._step_counter
+        stats["num_pipelined_calls"] = self._num_pipelined_calls
+        stats["host_time_s"] = dict(self.host_time_s)
         return stats
 
     def warmup(self) -> None:
         self.runner.warmup()
+
+
+class _InFlight(NamedTuple):
+    out: SchedulerOutput
+    result: "sampling.SampleResult"       # device arrays, possibly not computed yet
+    rows: Dict[int, int]                  # seq_id -> its row in the call
 
 
 class _StepView:

@@ -5,8 +5,10 @@ per layer, each `[num_kv_heads, num_blocks, block_size, head_dim]`), donated to 
 place, and the host swap pool.
 
 Shapes are padded to buckets so XLA compiles a bounded set of programs:
-  decode step   (every sequence has exactly one new token): S padded to a power of two
-  prefill step  (any mix of prefill chunks and decode tokens): T padded to a power of two, S to a power of 4
+  decode step   (every sequence has exactly one new token): S padded to a power of two (>= 8)
+  fused decode  (num_decode_steps tokens per sequence in one call): as decode
+  prefill step  (any mix of prefill chunks and decode tokens): T padded to a power of two, S = min(T, S_max)
+(one program per T rather than per (T, S) pair: fewer compiles at start-up; see `padded_num_seqs`).
 Padding tokens write nowhere (slot -1) and padding sequences have context length 0 (attention outputs zeros).
 """
 from __future__ import annotations
@@ -63,15 +65,13 @@ class ModelRunner:
         self.mesh = mesh
         self.kv_sharding = kv_sharding
         self.attention_backend = resolve_attention_backend(config.attention_backend)
-        if mesh is not None and self.attention_backend == "pallas":
-            # The per-shard (shard_map) kernel path is written but not yet checked against TP=1: use XLA's.
-            self.attention_backend = "xla"
 
         # Buckets (see module docstring).
         # decode batches below 8 rows cost the same as 8 on a GPU: one bucket for them (fewer compiles)
-        self.seq_buckets_decode = bucket_list(min(8, config.max_num_seqs), max(config.max_num_seqs, 1), 2)
-        self.seq_buckets_prefill = bucket_list(4, max(config.max_num_seqs, 4), 4)
-        self.token_buckets = bucket_list(16, max(config.max_num_batched_tokens, 16), 2)
+        self.seq_buckets_decode = [next_power_of(s, 2, 1) for s in
+                                   bucket_list(min(8, config.max_num_seqs), max(config.max_num_seqs, 1), 2)]
+        self.token_buckets = [next_power_of(t, 2, 16) for t in
+                              bucket_list(16, max(config.max_num_batched_tokens, 16), 2)]
 
         if param_shardings is not None:
             self.params = jax.device_put(model.params, param_shardings)
@@ -93,6 +93,7 @@ class ModelRunner:
         self._copy_fn = jax.jit(_copy_blocks, donate_argnums=(0,))
         self._write_blocks_fn = jax.jit(_write_blocks, donate_argnums=(0,))
         self._read_blocks_fn = jax.jit(_read_blocks)
+        self._last_tokens_fn = jax.jit(lambda ids, rows: ids[-1][rows])   # [K, S_prev], [S] -> [S]
         self._compiled: dict = {}        # (kind, flags, num_steps, input shapes) -> compiled executable
         self._compile_lock = threading.Lock()
 
@@ -178,18 +179,29 @@ class ModelRunner:
         return acc, kv
 
     def padded_num_seqs(self, out: SchedulerOutput) -> int:
+        """S, the padded row count of a step: a power of two >= the rows. Decode: the rows' own bucket. Prefill:
+        tied to the token bucket T (min(T, the max_num_seqs bucket)), so each T compiles one program, not one
+        per (T, S) pair; padding rows cost a few empty work items and logits rows, small next to T tokens."""
+        n = len(out.scheduled)
         if out.is_decode_only:
-            return next_power_of(len(out.scheduled), 2, self.seq_buckets_decode[0])
-        return next_power_of(len(out.scheduled), 4, 4)
+            return next_power_of(n, 2, self.seq_buckets_decode[0])
+        T = self.padded_num_tokens(sum(s.num_new_tokens for s in out.scheduled))
+        return max(min(T, self.seq_buckets_decode[-1]), next_power_of(n, 2, 4))
 
-    def prepare_inputs(self, out: SchedulerOutput) -> Tuple[Dict[str, np.ndarray], bool, int]:
-        """Flatten the scheduled sequences into one padded ragged batch (host numpy)."""
+    def padded_num_tokens(self, num_tokens: int) -> int:
+        """T, the padded token count of a prefill step: a power of two >= 16."""
+        return next_power_of(num_tokens, 2, 16)
+
+    def prepare_inputs(self, out: SchedulerOutput, tokens_on_device: bool = False
+                       ) -> Tuple[Dict[str, np.ndarray], bool, int]:
+        """Flatten the scheduled sequences into one padded ragged batch (host numpy). tokens_on_device: the input
+        tokens are not on the host yet (a pipelined fused decode call): input_ids stay zero, the caller fills them."""
         sched = out.scheduled
         decode = out.is_decode_only
         num_seqs = len(sched)
         num_tokens = sum(s.num_new_tokens for s in sched)
         S = self.padded_num_seqs(out)
-        T = S if decode else next_power_of(num_tokens, 2, 16)
+        T = S if decode else self.padded_num_tokens(num_tokens)
         input_ids = np.zeros(T, np.int32)                          # [T]
         positions = np.zeros(T, np.int32)                          # [T]
         slot_mapping = np.full(T, -1, np.int32)                    # [T], -1 = write nowhere
@@ -207,7 +219,8 @@ class ModelRunner:
                 logits_index[i] = logits_index[s.logits_row_of]
                 query_start[i + 1] = t
                 continue
-            input_ids[t:t + n] = seq.token_ids[start:start + n]
+            if not tokens_on_device:
+                input_ids[t:t + n] = seq.token_ids[start:start + n]
             positions[t:t + n] = np.arange(start, start + n)
             slot_mapping[t:t + n] = s.slots[:n]
             block_tables[i, :len(s.block_table)] = s.block_table
@@ -223,26 +236,44 @@ class ModelRunner:
 
     def execute(self, out: SchedulerOutput, sampling_batch, flags) -> sampling.SampleResult:
         """Run the swaps and copies the scheduler asked for, then the step; returns host sample results."""
+        return jax.device_get(self.dispatch(out, sampling_batch, flags))
+
+    def dispatch(self, out: SchedulerOutput, sampling_batch, flags, prev_tokens=None):
+        """Enqueue the swaps, copies and the step on the device and return its SampleResult as device arrays
+        without waiting for them (JAX dispatches asynchronously).
+
+        prev_tokens: for a fused decode call scheduled while the previous one is in flight
+        (`Scheduler.schedule_continuation`): (token_ids [num_steps_prev, S_prev] of that call, on the device,
+        {seq_id: its row there}). Each row's input token is then taken on the device from the previous call's last
+        step, so the host never waits for it."""
         if out.swap_out:
             self.swap_out(out.swap_out)
         if out.swap_in:
             self.swap_in(out.swap_in)
         if out.block_copies:
             self.copy_blocks(out.block_copies)
-        batch, decode, S = self.prepare_inputs(out)
-        if out.num_steps > 1:
-            K = out.num_steps
-            slots = np.full((K, S), -1, np.int32)                  # [num_steps, S] slot of each step's token
-            for i, sch in enumerate(out.scheduled):
-                slots[:, i] = sch.slots
-            mbatch = dict(input_ids=batch["input_ids"], positions=batch["positions"],
-                          context_lens=batch["context_lens"], block_tables=batch["block_tables"], slots=slots)
-            fn = self.compiled("multi", mbatch, sampling_batch, flags, K)
-            result, self.kv_caches = fn(self.params, self.kv_caches, mbatch, sampling_batch)
-            return jax.device_get(result)
-        fn = self.compiled("decode" if decode else "prefill", batch, sampling_batch, flags)
-        result, self.kv_caches = fn(self.params, self.kv_caches, batch, sampling_batch)
-        return jax.device_get(result)
+        batch, decode, S = self.prepare_inputs(out, tokens_on_device=prev_tokens is not None)
+        if out.num_steps == 1:
+            return self.run_program("decode" if decode else "prefill", batch, sampling_batch, flags)
+        K = out.num_steps
+        slots = np.full((K, S), -1, np.int32)                      # [num_steps, S] slot of each step's token
+        for i, sch in enumerate(out.scheduled):
+            slots[:, i] = sch.slots
+        mbatch = dict(input_ids=batch["input_ids"], positions=batch["positions"],
+                      context_lens=batch["context_lens"], block_tables=batch["block_tables"], slots=slots)
+        if prev_tokens is not None:
+            prev_ids, prev_row = prev_tokens
+            rows = np.zeros(S, np.int32)                           # [S] row of each sequence in the previous call
+            rows[:len(out.scheduled)] = [prev_row[s.seq.seq_id] for s in out.scheduled]
+            mbatch["input_ids"] = self._last_tokens_fn(prev_ids, rows)
+        return self.run_program("multi", mbatch, sampling_batch, flags, K)
+
+    def run_program(self, kind: str, batch, sbatch, flags, num_steps: int = 1):
+        """Run one compiled step program ("decode" | "prefill" | "multi") on padded inputs, updating the KV pool
+        in place (donated). The one place the engine's steps reach the device. Returns device arrays."""
+        fn = self.compiled(kind, batch, sbatch, flags, num_steps)
+        result, self.kv_caches = fn(self.params, self.kv_caches, batch, sbatch)
+        return result
 
     # ------------------------------------------------------------------ compiled programs
     @staticmethod
@@ -305,7 +336,7 @@ class ModelRunner:
         shapes = [("decode", s, s) for s in self.seq_buckets_decode]
         if self.config.num_decode_steps > 1:
             shapes += [("multi", s, s) for s in self.seq_buckets_decode]
-        shapes += [("prefill", t, s) for t in self.token_buckets for s in self.seq_buckets_prefill if s <= t]
+        shapes += [("prefill", t, min(t, self.seq_buckets_decode[-1])) for t in self.token_buckets]
         return shapes
 
     def _dummy_inputs(self, kind: str, T: int, S: int):

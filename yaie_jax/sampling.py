@@ -246,9 +246,11 @@ def make_sampling_batch(params_list: Sequence[SamplingParams], *, pad_to: int,
 
 
 def build_sampling_batch(rows, *, pad_to: int, eos_token_ids: Sequence[int], engine_seed: int,
-                         vocab_size: Optional[int] = None, num_steps: int = 1) -> Tuple[SamplingBatch, SamplingFlags]:
+                         vocab_size: Optional[int] = None, num_steps: int = 1,
+                         step_offset: int = 0) -> Tuple[SamplingBatch, SamplingFlags]:
     """Adapter for the engine. rows: (sequence, SamplingParams) per step row, in row order; a sequence has
     `.request.request_id`, `.index`, `.token_ids`, `.num_prompt_tokens`, `.num_output_tokens`.
+    step_offset: tokens each row has sampled that are not yet in its `token_ids` (a fused call in flight).
     num_steps: see `make_sampling_batch`. vocab_size is accepted for the caller's convenience and not needed."""
     seqs = [s for s, _ in rows]
     params = [p for _, p in rows]
@@ -256,7 +258,7 @@ def build_sampling_batch(rows, *, pad_to: int, eos_token_ids: Sequence[int], eng
     return make_sampling_batch(
         params, pad_to=pad_to,
         seeds=[row_seed(p, engine_seed, s.request.request_id) for s, p in rows],
-        steps=[s.num_output_tokens for s in seqs],
+        steps=[s.num_output_tokens + step_offset for s in seqs],
         sample_indices=[s.index for s in seqs],
         token_ids=[s.token_ids for s in seqs] if need_tokens else None,
         num_prompt_tokens=[s.num_prompt_tokens for s in seqs] if need_tokens else None,

@@ -268,26 +268,39 @@ class Scheduler:
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         return out
 
-    def _try_multi_step(self, out: SchedulerOutput, now: float) -> Optional[SchedulerOutput]:
-        """Several decode steps in one device call (no host round trip between them), when nothing else waits:
-        every running sequence is decoding, has at least `num_decode_steps` tokens left to generate, and the
-        pool has room for all of them. Otherwise None (the caller schedules a normal step)."""
+    def _try_multi_step(self, out: SchedulerOutput, now: float, pending: int = 0) -> Optional[SchedulerOutput]:
+        """Several decode steps in one device call (no host round trip between them), when nothing else could use
+        the step: no sequence is swapped out, no waiting sequence could be admitted (the running set is below its
+        cap), every running sequence is decoding, and the pool has room for `num_decode_steps` more tokens of each.
+        A sequence with fewer tokens left to generate than `num_decode_steps` still joins (its extra tokens are
+        dropped by the engine). Otherwise None (the caller schedules a normal step).
+
+        pending: tokens every running sequence already has in flight (a dispatched fused call whose tokens are not
+        yet appended; see `schedule_continuation`). Sequences certain to finish inside that call are left out."""
         k = self.config.num_decode_steps
-        if (k <= 1 or self.waiting or self.swapped or not self.running
-                or len(self.running) > min(self.config.max_num_seqs, self.decode_cap)):
+        cap = min(self.config.max_num_seqs, self.decode_cap)
+        if (k <= 1 or self.swapped or not self.running or len(self.running) > cap
+                or (self.waiting and len(self.running) < cap)):
             return None
+        rows = []
         for seq in self.running:
             p = seq.request.params
-            if (seq.num_uncomputed_tokens != 1 or not seq.request.forked
-                    or seq.request.max_tokens - seq.num_output_tokens < k
-                    or len(seq.token_ids) + k > self.max_model_len
-                    or seq.num_output_tokens < p.min_tokens
+            n_tokens = len(seq.token_ids) + pending
+            left = seq.request.max_tokens - (seq.num_output_tokens + pending)
+            if pending and left <= 0:
+                continue                  # finishes in the call in flight
+            if (n_tokens - seq.num_computed_tokens != 1 or not seq.request.forked or left < 1
+                    or n_tokens + k > self.max_model_len
+                    or seq.num_output_tokens + pending < p.min_tokens
                     or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0):
                 return None
-        need = sum(self.bm.num_blocks_needed(seq.seq_id, k) for seq in self.running)
+            rows.append(seq)
+        if not rows:
+            return None
+        need = sum(self.bm.num_blocks_needed(seq.seq_id, k) for seq in rows)
         if need > self.bm.num_available_gpu_blocks:
             return None
-        for seq in sorted(self.running, key=self._key):
+        for seq in sorted(rows, key=self._key):
             slots, copies = self.bm.append_slots(seq.seq_id, k)
             out.block_copies.extend(copies)
             out.scheduled.append(ScheduledSeq(seq, 1, slots, True, self.bm.get_block_table(seq.seq_id)))
@@ -295,6 +308,17 @@ class Scheduler:
         out.num_steps = k
         out.num_batched_tokens = len(out.scheduled) * k
         return out
+
+    def schedule_continuation(self, pending: int) -> SchedulerOutput:
+        """The next fused decode call, scheduled while the previous one (`pending` tokens per sequence, already
+        committed) is still on the device and its tokens are not yet appended: the engine dispatches it first and
+        reads the previous call's tokens afterwards, so the device never waits on the host. Each row's first input
+        token is the previous call's last sampled token for that sequence (the runner takes it on the device).
+        Nothing scheduled (only `timed_out`, if any) when a normal step is due (see `_try_multi_step`); the
+        caller then drains the pipeline."""
+        now = time.monotonic()
+        out = SchedulerOutput(scheduled=[], block_copies=[], swap_out=[], swap_in=[], timed_out=self._expire(now))
+        return self._try_multi_step(out, now, pending=pending) or out
 
     def _fork_children(self, parent: Sequence, parent_row: int, out: SchedulerOutput) -> None:
         """At the step that completes the prompt of an n > 1 request: make n-1 sequences sharing its blocks.

@@ -151,7 +151,7 @@ _SECTION_KEYS: Dict[str, Dict[str, Optional[str]]] = {
                   "max_num_batched_tokens": "max_num_batched_tokens", "policy": "scheduling_policy",
                   "scheduling_policy": "scheduling_policy", "enable_chunked_prefill": "enable_chunked_prefill",
                   "preemption_mode": "preemption_mode", "target_itl_ms": "target_itl_ms",
-                  "num_decode_steps": "num_decode_steps"},
+                  "num_decode_steps": "num_decode_steps", "async_scheduling": "async_scheduling"},
     "memory": {"gpu_blocks": "num_gpu_blocks", "num_gpu_blocks": "num_gpu_blocks", "cpu_blocks": "num_cpu_blocks",
                "num_cpu_blocks": "num_cpu_blocks", "block_size": "block_size",
                "gpu_memory_utilization": "gpu_memory_utilization", "gpu_memory_util": "gpu_memory_utilization",

@@ -49,6 +49,28 @@ def test_multi_step_decode_keeps_seeded_samples_and_logprobs(gpt2_dir, llm):
     assert fused.get_stats()["num_steps"] < llm.get_stats()["num_steps"]
 
 
+def test_pipelined_fused_decode_equals_single_steps_with_ragged_ends(gpt2_dir, llm):
+    """Fused calls dispatched ahead (async scheduling) give the single-step engine's tokens when requests end
+    inside a call: max_tokens not a multiple of num_decode_steps, and a stop token met mid-call."""
+    rng = np.random.default_rng()
+    prompts = [rand_prompt(rng) for _ in range(6)]
+    params = [SamplingParams(temperature=0.8, seed=int(rng.integers(1 << 30)), max_tokens=int(rng.integers(3, 20)),
+                             ignore_eos=True) for _ in prompts]
+    params[0] = SamplingParams(temperature=0.8, seed=7, max_tokens=30, ignore_eos=True)
+    free_run = llm.generate(prompts[:1], params[:1], use_tqdm=False)[0].outputs[0].token_ids
+    params[0] = SamplingParams(temperature=0.8, seed=7, max_tokens=30, ignore_eos=True, stop_token_ids=[free_run[9]])
+    ref = llm.generate(prompts, params, use_tqdm=False)
+    fused = LLM(gpt2_dir, num_decode_steps=4, **BASE)
+    got = fused.generate(prompts, params, use_tqdm=False)
+    for x, y in zip(ref, got):
+        assert y.outputs[0].token_ids == x.outputs[0].token_ids
+        assert y.outputs[0].finish_reason == x.outputs[0].finish_reason
+    assert got[0].outputs[0].finish_reason == "stop" and len(got[0].outputs[0].token_ids) <= 10
+    assert fused.get_stats()["num_pipelined_calls"] > 0
+    fused.engine.block_manager.reset_prefix_cache()
+    assert fused.engine.block_manager.num_free_gpu_blocks == fused.engine.runner.num_gpu_blocks
+
+
 def test_sampled_tokens_respect_top_k(llm, gpt2_dir):
     rng = np.random.default_rng()
     prompt = rand_prompt(rng, 8)

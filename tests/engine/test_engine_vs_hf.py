@@ -41,6 +41,9 @@ CASES = {
     "preempt_swap": dict(num_gpu_blocks=12, num_cpu_blocks=64, preemption_mode="swap"),
     "no_prefix_cache": dict(enable_prefix_caching=False),
     "multi_step_decode": dict(num_decode_steps=4),
+    "multi_step_sync": dict(num_decode_steps=4, async_scheduling=False),
+    # more prompts than max_num_seqs: fused (and pipelined) calls run while the rest wait for a free row
+    "multi_step_capped": dict(num_decode_steps=5, max_num_seqs=6),
 }
 
 
@@ -62,6 +65,10 @@ def test_greedy_matches_hf(gpt2_dir, prompts_and_refs, case):
     stats = llm.get_stats()
     if case.startswith("preempt"):
         assert stats["num_preemptions"] > 0
+    if case in ("multi_step_decode", "multi_step_capped"):
+        assert stats["num_pipelined_calls"] > 0
+    if case == "multi_step_sync":
+        assert stats["num_pipelined_calls"] == 0
     if case != "no_prefix_cache":
         assert stats["prefix_cache_hit_tokens"] > 0
     # nothing is held after everything finished, except by the prefix cache
