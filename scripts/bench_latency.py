@@ -26,6 +26,7 @@ def run_yaie(model_dir, prompt, max_new, args):
                     warmup=not args.no_warmup, gpu_memory_utilization=0.3)
     startup_s = time.perf_counter() - t0
     print(f"engine start-up {startup_s:.1f} s")
+    eng.wait_for_warmup()
     params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
     results = []
     for rep in range(args.repeats + 1):

@@ -37,12 +37,16 @@ def first_completion(port: int, timeout_s: float) -> float:
     raise TimeoutError(f"server did not answer within {timeout_s} s")
 
 
-def one_start(model_dir: str, cache_dir: str, port: int, extra, timeout_s: float, log_path: str) -> float:
+def one_start(model_dir: str, cache_dir: str, port: int, extra, timeout_s: float, log_path: str,
+              xla_flags: str = "") -> float:
     cmd = [sys.executable, "-m", "yaie_jax.serve", model_dir, "--port", str(port),
            "--compile-cache-dir", cache_dir] + list(extra)
+    env = dict(os.environ)
+    if xla_flags:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
     t0 = time.monotonic()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             t1 = first_completion(port, timeout_s)
         finally:
@@ -59,7 +63,7 @@ def main() -> None:
     ap.add_argument("--model-dir", default=None, help="default: the random GPT-2 124M benchmark checkpoint")
     ap.add_argument("--model-root", default=os.path.expanduser("~/.cache/yaie_bench"))
     ap.add_argument("--cache-dir", default="/tmp/yaie_startup_cache")
-    ap.add_argument("--runs", default="cold,warm")
+    ap.add_argument("--runs", default="cold,warm", help="comma list of cold, warm, cold-cublas, warm-cublas")
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--timeout-s", type=float, default=400)
     ap.add_argument("--out", default="bench/results")
@@ -70,10 +74,14 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for i, kind in enumerate(args.runs.split(",")):
-        if kind == "cold":
-            shutil.rmtree(args.cache_dir, ignore_errors=True)
-        seconds = one_start(model_dir, args.cache_dir, args.port + i, extra, args.timeout_s,
-                            os.path.join(args.out, f"startup_{kind}.log"))
+        # "cold" / "warm": default XLA flags; "cold-cublas": cold with XLA's Triton GEMM fusions off (cuBLAS
+        # GEMMs: no Triton autotuning at compile time), its own cache dir
+        cache_dir = args.cache_dir + ("-cublas" if kind.endswith("cublas") else "")
+        if kind.startswith("cold"):
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        flags = "--xla_gpu_enable_triton_gemm=false" if kind.endswith("cublas") else ""
+        seconds = one_start(model_dir, cache_dir, args.port + i, extra, args.timeout_s,
+                            os.path.join(args.out, f"startup_{kind}.log"), xla_flags=flags)
         rows.append({"run": kind, "startup_to_first_completion_s": seconds})
         bc.print_table(rows[-1:], list(rows[-1]))
     record = {"config": vars(args), "env": bc.environment(), "results": rows}

@@ -258,11 +258,11 @@ def byte_level_streams(draw):
     segments = draw(st.lists(st.one_of(
         st.lists(TEXT_ALPHABET, min_size=1, max_size=8).map(lambda cs: enc(bb, "".join(cs))),
         st.lists(st.integers(0, len(bb) - 1), min_size=1, max_size=6),           # any ids: broken UTF-8 too
-        st.sampled_from([[0], [1]])), min_size=1, max_size=8))
+        st.sampled_from([[0], [1]])), min_size=1, max_size=16))
     out = [i for s in segments for i in s]
     prompt = draw(st.one_of(st.lists(TEXT_ALPHABET, max_size=4).map(lambda cs: enc(bb, "".join(cs))),
                             st.lists(st.integers(0, len(bb) - 1), max_size=6)))
-    chunks = draw(st.lists(st.integers(1, 4), min_size=1, max_size=4))
+    chunks = draw(st.lists(st.sampled_from([1, 2, 3, 4, 9, 17, 40]), min_size=1, max_size=4))
     return prompt, out, chunks
 
 
@@ -285,7 +285,7 @@ def test_byte_level_streaming_property(stream, skip):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pieces=st.lists(st.one_of(st.lists(TEXT_ALPHABET, min_size=1, max_size=6).map("".join),
                                  st.sampled_from(["<s>", "</s>"])), min_size=1, max_size=8),
-       prompt=st.lists(TEXT_ALPHABET, max_size=10).map("".join), chunks=st.lists(st.integers(1, 4), min_size=1,
+       prompt=st.lists(TEXT_ALPHABET, max_size=10).map("".join), chunks=st.lists(st.sampled_from([1, 2, 3, 4, 9, 40]), min_size=1,
                                                                                 max_size=3),
        skip=st.booleans())
 def test_sentencepiece_streaming_property(pieces, prompt, chunks, skip):

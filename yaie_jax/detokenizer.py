@@ -34,6 +34,7 @@ CONTEXT_TOKENS = 5        # tokens of context before the new text (prompt tail a
 CONTEXT_SEARCH = 4        # how much further back a context may start, to find one that begins on a character
 WINDOW_TOKENS = 16        # the window moves up once it holds this many tokens
 MAX_WINDOW_TOKENS = 64    # ... and is forced to when it has held this many without a complete character
+BULK_TOKENS = 8           # tokens decoded together by add_tokens when there are no stop strings
 MAX_CUT_CHAR = 3          # a context cut inside a character shows at most 3 continuation bytes as U+FFFD
 
 
@@ -194,6 +195,16 @@ class IncrementalDetokenizer:
         """Decode new output tokens; returns the newly released text (possibly empty)."""
         if self.stopped:
             return ""
+        if not self.stop:
+            # no stop strings: nothing depends on per-token granularity, so decode the window once per
+            # BULK_TOKENS tokens (the released text is the same; far fewer decode calls for long additions)
+            ids = [int(t) for t in token_ids]
+            for i in range(0, len(ids), BULK_TOKENS):
+                chunk = ids[i:i + BULK_TOKENS]
+                self._tokens.extend(chunk)
+                self._num_output_tokens += len(chunk)
+                self._add_text(self._decode_new())
+            return self._release()
         for t in token_ids:
             self._tokens.append(int(t))
             self._num_output_tokens += 1

@@ -398,8 +398,12 @@ class LLMEngine:
         stats["host_time_s"] = dict(self.host_time_s)
         return stats
 
-    def warmup(self) -> None:
-        self.runner.warmup()
+    def warmup(self, background: bool = True) -> None:
+        """Compile the step programs (see `ModelRunner.warmup`); `wait_for_warmup` joins background compiles."""
+        self.runner.warmup(background=background)
+
+    def wait_for_warmup(self) -> None:
+        self.runner.wait_for_warmup()
 
 
 class _InFlight(NamedTuple):

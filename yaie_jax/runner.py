@@ -8,7 +8,7 @@ Shapes are padded to buckets so XLA compiles a bounded set of programs:
   decode step   (every sequence has exactly one new token): S padded to a power of two (>= 8)
   fused decode  (num_decode_steps tokens per sequence in one call): as decode
   prefill step  (any mix of prefill chunks and decode tokens): T padded to a power of two, S = min(T, S_max)
-(one program per T rather than per (T, S) pair: fewer compiles at start-up; see `padded_num_seqs`).
+(one program per T rather than per (T, S) pair: fewer compiles at start-up; see `padded_shape`).
 Padding tokens write nowhere (slot -1) and padding sequences have context length 0 (attention outputs zeros).
 """
 from __future__ import annotations
@@ -96,6 +96,9 @@ class ModelRunner:
         self._last_tokens_fn = jax.jit(lambda ids, rows: ids[-1][rows])   # [K, S_prev], [S] -> [S]
         self._compiled: dict = {}        # (kind, flags, num_steps, input shapes) -> compiled executable
         self._compile_lock = threading.Lock()
+        self._ready: set = set()            # (kind, S or T) bucket programs compiled by warm-up
+        self._warm_started = False
+        self._warm_thread: Optional[threading.Thread] = None
 
     # ------------------------------------------------------------------ memory
     def kv_bytes_per_block(self) -> int:
@@ -109,7 +112,7 @@ class ModelRunner:
         useful = self.config.max_num_seqs * per_seq + 1
         stats = None
         try:
-            stats = jax.devices()[0].memory_stats()
+            stats = jax.local_devices()[0].memory_stats()
         except Exception:
             stats = None
         if stats and "bytes_limit" in stats:
@@ -178,19 +181,38 @@ class ModelRunner:
         kv, _, acc = jax.lax.fori_loop(0, num_steps, body, (kv_caches, batch["input_ids"], acc))
         return acc, kv
 
-    def padded_num_seqs(self, out: SchedulerOutput) -> int:
-        """S, the padded row count of a step: a power of two >= the rows. Decode: the rows' own bucket. Prefill:
-        tied to the token bucket T (min(T, the max_num_seqs bucket)), so each T compiles one program, not one
-        per (T, S) pair; padding rows cost a few empty work items and logits rows, small next to T tokens."""
+    def padded_shape(self, out: SchedulerOutput) -> Tuple[int, int]:
+        """(S, T): the padded row and token counts of a step, decided once per step (cached on `out`).
+
+        Decode: S a power of two >= the rows (>= 8), T = S. Prefill: T a power of two >= the tokens (>= 16), and
+        S tied to it, min(T, S_max), so each T compiles one program rather than one per (T, S) pair (padding rows
+        cost a few empty work items and logits rows, small next to T tokens). While buckets still compile in the
+        background after start-up, a step whose bucket is not ready runs in the next larger ready one."""
+        if out.padded_shape is not None:
+            return out.padded_shape
         n = len(out.scheduled)
         if out.is_decode_only:
-            return next_power_of(n, 2, self.seq_buckets_decode[0])
-        T = self.padded_num_tokens(sum(s.num_new_tokens for s in out.scheduled))
-        return max(min(T, self.seq_buckets_decode[-1]), next_power_of(n, 2, 4))
+            kind = "multi" if out.num_steps > 1 else "decode"
+            S = self._ready_bucket(kind, next_power_of(n, 2, self.seq_buckets_decode[0]), self.seq_buckets_decode)
+            shape = (S, S)
+        else:
+            T = self._ready_bucket("prefill", next_power_of(sum(s.num_new_tokens for s in out.scheduled), 2, 16),
+                                   self.token_buckets)
+            shape = (max(min(T, self.seq_buckets_decode[-1]), next_power_of(n, 2, 4)), T)
+        out.padded_shape = shape
+        return shape
 
-    def padded_num_tokens(self, num_tokens: int) -> int:
-        """T, the padded token count of a prefill step: a power of two >= 16."""
-        return next_power_of(num_tokens, 2, 16)
+    def padded_num_seqs(self, out: SchedulerOutput) -> int:
+        return self.padded_shape(out)[0]
+
+    def _ready_bucket(self, kind: str, exact: int, buckets: List[int]) -> int:
+        """`exact`, or while warm-up runs in the background and its program is not compiled yet, the smallest
+        larger bucket that is (exact again if none is: it then compiles on first use)."""
+        if not self._warm_started or (kind, exact) in self._ready:
+            return exact
+        with self._compile_lock:
+            ready = [b for b in buckets if b > exact and (kind, b) in self._ready]
+        return ready[0] if ready else exact
 
     def prepare_inputs(self, out: SchedulerOutput, tokens_on_device: bool = False
                        ) -> Tuple[Dict[str, np.ndarray], bool, int]:
@@ -199,9 +221,7 @@ class ModelRunner:
         sched = out.scheduled
         decode = out.is_decode_only
         num_seqs = len(sched)
-        num_tokens = sum(s.num_new_tokens for s in sched)
-        S = self.padded_num_seqs(out)
-        T = S if decode else self.padded_num_tokens(num_tokens)
+        S, T = self.padded_shape(out)
         input_ids = np.zeros(T, np.int32)                          # [T]
         positions = np.zeros(T, np.int32)                          # [T]
         slot_mapping = np.full(T, -1, np.int32)                    # [T], -1 = write nowhere
@@ -333,11 +353,23 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ warm-up
     def warmup_shapes(self) -> list:
+        """Every bucket program the engine may run with greedy sampling: (kind, T, S)."""
         shapes = [("decode", s, s) for s in self.seq_buckets_decode]
         if self.config.num_decode_steps > 1:
             shapes += [("multi", s, s) for s in self.seq_buckets_decode]
         shapes += [("prefill", t, min(t, self.seq_buckets_decode[-1])) for t in self.token_buckets]
         return shapes
+
+    def coverage_shapes(self, shapes: list) -> list:
+        """The few programs that let every step run at once: the largest bucket of each kind (any step fits it,
+        padded) and the smallest decode buckets and a prompt-sized prefill bucket (single-request latency)."""
+        first = []
+        for kind in ("decode", "multi", "prefill"):
+            mine = [sh for sh in shapes if sh[0] == kind]
+            if mine:
+                first += [mine[-1], mine[0]] if kind != "prefill" else \
+                    [mine[-1]] + [sh for sh in mine if sh[1] == min(512, mine[-1][1])]
+        return list(dict.fromkeys(first))
 
     def _dummy_inputs(self, kind: str, T: int, S: int):
         """All-padding inputs of one bucket: slots -1 (nothing written), context 0 (nothing read)."""
@@ -346,33 +378,52 @@ class ModelRunner:
                      context_lens=np.zeros(S, np.int32),
                      block_tables=np.zeros((S, self.max_blocks_per_seq), np.int32),
                      logits_index=np.zeros(S, np.int32))
+        K = self.config.num_decode_steps if kind == "multi" else 1
         sbatch, flags = sampling.build_sampling_batch([], pad_to=S, eos_token_ids=[], engine_seed=0,
-                                                      vocab_size=self.mc.vocab_size)
+                                                      vocab_size=self.mc.vocab_size, num_steps=K)
         if kind == "multi":
-            K = self.config.num_decode_steps
-            sbatch = jax.tree_util.tree_map(lambda a: np.stack([a] * K), sbatch)
             batch = dict(input_ids=batch["input_ids"], positions=batch["positions"],
                          context_lens=batch["context_lens"], block_tables=batch["block_tables"],
                          slots=np.full((K, S), -1, np.int32))
-            return batch, sbatch, flags, K
-        return batch, sbatch, flags, 1
+        return batch, sbatch, flags, K
 
-    def warmup(self) -> None:
-        """Compile every bucket (greedy sampling variant) now, several at a time in threads (XLA compiles in
-        C++ without the GIL), behind a progress bar, so no request waits on XLA later."""
+    def _compile_shape(self, shape) -> None:
+        kind, T, S = shape
+        batch, sbatch, flags, K = self._dummy_inputs(kind, T, S)
+        self.compiled(kind, batch, sbatch, flags, K)
+        with self._compile_lock:
+            self._ready.add((kind, T if kind == "prefill" else S))
+
+    def warmup(self, background: bool = True) -> None:
+        """Compile the bucket programs (greedy sampling variant) several at a time in threads (XLA compiles in
+        C++ without the GIL), behind a progress bar. The coverage set (`coverage_shapes`) is compiled before this
+        returns; with background=True the other buckets compile in a daemon thread while the engine serves, and
+        until a step's own bucket is ready it runs padded to the next larger ready one (`wait_for_warmup` joins)."""
         shapes = self.warmup_shapes()
+        first = self.coverage_shapes(shapes)
+        rest = [sh for sh in shapes if sh not in first]
         workers = max(1, min(8, (os.cpu_count() or 2) // 2))
-        bar = tqdm(total=len(shapes), desc="compiling step buckets", unit="shape")
+        self._warm_started = True
+        bar = tqdm(total=len(first) if background else len(shapes), desc="compiling step buckets", unit="shape")
 
         def one(shape):
-            kind, T, S = shape
-            batch, sbatch, flags, K = self._dummy_inputs(kind, T, S)
-            self.compiled(kind, batch, sbatch, flags, K)
+            self._compile_shape(shape)
             bar.update(1)
 
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            list(pool.map(one, shapes))
+            list(pool.map(one, first if background else first + rest))
         bar.close()
+        if background and rest:
+            def compile_rest():
+                with concurrent.futures.ThreadPoolExecutor(max(1, workers // 2)) as pool:
+                    list(pool.map(self._compile_shape, rest))
+            self._warm_thread = threading.Thread(target=compile_rest, name="yaie-compile", daemon=True)
+            self._warm_thread.start()
+
+    def wait_for_warmup(self) -> None:
+        """Block until background bucket compilation (if any) has finished."""
+        if self._warm_thread is not None:
+            self._warm_thread.join()
 
 
 def _copy_blocks(kv_caches, src, dst):

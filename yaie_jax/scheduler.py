@@ -44,6 +44,7 @@ class SchedulerOutput:
     timed_out: List[Request]                 # requests finished with "timeout" during scheduling
     num_batched_tokens: int = 0
     num_steps: int = 1                       # > 1: a fused multi-step decode (every row decodes num_steps tokens)
+    padded_shape: Optional[Tuple[int, int]] = None   # (S, T) the runner chose for this step (set once by it)
 
     @property
     def is_empty(self) -> bool:
