@@ -44,6 +44,9 @@ class EngineConfig:
     compile_cache_dir: Optional[str] = dataclasses.field(default_factory=default_compile_cache_dir)
     warmup: bool = True                         # compile every bucket at start-up
     served_model_name: Optional[str] = None
+    coordinator_address: Optional[str] = None   # multi-host: host:port of process 0 (jax.distributed)
+    num_processes: int = 1                      # multi-host: number of processes (1 = single process)
+    process_id: int = 0                         # multi-host: this process (0 serves and schedules)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -80,6 +83,12 @@ class EngineConfig:
             bad("target_itl_ms", "must be > 0 or None")
         if not isinstance(self.num_decode_steps, int) or self.num_decode_steps < 1:
             bad("num_decode_steps", "must be a positive integer")
+        if not isinstance(self.num_processes, int) or self.num_processes < 1:
+            bad("num_processes", "must be a positive integer")
+        if not isinstance(self.process_id, int) or not 0 <= self.process_id < self.num_processes:
+            bad("process_id", f"must be in [0, num_processes={self.num_processes})")
+        if self.num_processes > 1 and not self.coordinator_address:
+            bad("coordinator_address", "is required when num_processes > 1 (host:port of process 0)")
         if not self.enable_chunked_prefill and self.max_model_len is not None \
                 and self.max_num_batched_tokens < self.max_model_len:
             bad("max_num_batched_tokens", "must be >= max_model_len when chunked prefill is off")

@@ -15,7 +15,7 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence as Seq, 
 import jax
 import numpy as np
 
-from . import sampling
+from . import distributed, sampling
 from .cache import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, decode_token
@@ -63,6 +63,7 @@ class LLMEngine:
             raise ValueError("pass either an EngineConfig or engine arguments, not both")
         self.config = config
         setup_compile_cache(config.compile_cache_dir)
+        distributed.initialize_for(config)     # multi-host: jax.distributed before any device use
 
         from .models.loader import load_model
         from .tokenizer import load_tokenizer
@@ -108,6 +109,7 @@ class LLMEngine:
                 logger.info("CPU backend: skipping bucket warm-up; programs compile on first use")
             else:
                 self.warmup()
+        distributed.setup(self)   # multi-host: process 0 publishes its runner calls; the others follow, then exit
 
     def _eos_ids(self) -> List[int]:
         ids = set()

@@ -79,6 +79,9 @@ class ModelRunner:
             self.params = jax.device_put(model.params)
         if not num_gpu_blocks:
             self.num_gpu_blocks = self.auto_num_blocks()
+            if jax.process_count() > 1:    # multi-host: every process allocates the same pool
+                from .distributed import agree_min
+                self.num_gpu_blocks = agree_min("num_gpu_blocks", self.num_gpu_blocks)
         self.kv_caches = self._alloc_kv()
         self.host_kv: Optional[np.ndarray] = None
         if config.num_cpu_blocks > 0:
