@@ -285,7 +285,8 @@ def test_byte_level_streaming_property(stream, skip):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pieces=st.lists(st.one_of(st.lists(TEXT_ALPHABET, min_size=1, max_size=6).map("".join),
                                  st.sampled_from(["<s>", "</s>"])), min_size=1, max_size=8),
-       prompt=st.lists(TEXT_ALPHABET, max_size=10).map("".join), chunks=st.lists(st.sampled_from([1, 2, 3, 4, 9, 40]), min_size=1,
+       prompt=st.lists(TEXT_ALPHABET, max_size=10).map("".join),
+       chunks=st.lists(st.sampled_from([1, 2, 3, 4, 9, 40]), min_size=1,
                                                                                 max_size=3),
        skip=st.booleans())
 def test_sentencepiece_streaming_property(pieces, prompt, chunks, skip):
