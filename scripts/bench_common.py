@@ -23,6 +23,21 @@ def gpt2_124m_dir(path: str) -> str:
     return path
 
 
+def gpt2_large_dir(path: str, vocab_size: int = 50304) -> str:
+    """A random-weight GPT-2 large checkpoint (36 layers, 1280 wide, 20 heads, 1024 positions; HF format, fp32)
+    with a tokenizer covering its vocabulary, built once in `path`. The vocabulary is padded from 50257 to 50304
+    (a multiple of 128, as nanoGPT does) so that a vocab-parallel LM head can split it 2 or 4 ways."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=36, n_embd=1280, n_head=20, n_positions=1024, vocab_size=vocab_size))
+    model.save_pretrained(path)
+    _save_tokenizer(path, vocab_size)
+    return path
+
+
 def smollm2_shape_dir(path: str) -> str:
     """Random weights in SmolLM2-135M's shape (Llama: 30 layers, 576 wide, 9 q / 3 kv heads, vocab 49152)."""
     if os.path.exists(os.path.join(path, "config.json")):

@@ -10,6 +10,9 @@ from __future__ import annotations
 import importlib
 
 import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from .parallel import AXIS, shard_map
 
 
 def kernel_functions(backend: str):
@@ -25,7 +28,12 @@ def kernel_functions(backend: str):
 
 def make_paged_attention(backend: str, *, decode: bool, slot_mapping, query_start, context_lens, block_tables,
                          mesh=None):
+    """The attention callable of one step (models/base.py contract). With a TP `mesh` the KV pool stays split by
+    KV head (parallel.py): the K/V writes run per shard for either backend, and so do the "pallas" kernels
+    (`_per_shard`); the "xla" attention is left to XLA's partitioner."""
     write_kv, paged_attention, ragged_prefill_attention = kernel_functions(backend)
+    if mesh is not None:
+        write_kv = _write_kv_per_shard(mesh, write_kv)
     if mesh is not None and backend == "pallas":
         paged_attention, ragged_prefill_attention = _per_shard(mesh, paged_attention, ragged_prefill_attention)
 
@@ -34,8 +42,7 @@ def make_paged_attention(backend: str, *, decode: bool, slot_mapping, query_star
         k_pages, v_pages = kv_cache
         k_pages, v_pages = write_kv(k_pages, v_pages, k, v, slot_mapping)
         if mesh is not None:  # keep the pool split by KV head across steps (no re-layout between calls)
-            from jax.sharding import NamedSharding, PartitionSpec as P
-            pool = NamedSharding(mesh, P("tp", None, None, None))
+            pool = NamedSharding(mesh, P(AXIS, None, None, None))
             k_pages = jax.lax.with_sharding_constraint(k_pages, pool)
             v_pages = jax.lax.with_sharding_constraint(v_pages, pool)
         if decode:
@@ -47,22 +54,77 @@ def make_paged_attention(backend: str, *, decode: bool, slot_mapping, query_star
     return attention
 
 
+def _write_kv_per_shard(mesh, write_kv):
+    """write_kv per TP shard: each shard scatters its KV heads' new K/V into its slice of the pool (slots are
+    the same on every shard), so the pool is never gathered whatever the partitioner would have chosen."""
+    heads = P(None, AXIS, None)              # new k / v [T, Hkv, D] split by KV head
+    pool = P(AXIS, None, None, None)
+
+    def write(k_pages, v_pages, k, v, slot_mapping):
+        return shard_map(write_kv, mesh=mesh, in_specs=(pool, pool, heads, heads, P()),
+                         out_specs=(pool, pool))(k_pages, v_pages, k, v, slot_mapping)
+
+    return write
+
+
 def _per_shard(mesh, paged_attention, ragged_prefill_attention):
-    """Run the Pallas kernels per TP shard (each shard: its query heads and its KV heads) under shard_map."""
-    from jax.sharding import PartitionSpec as P
-    shard_map = getattr(jax, "shard_map", None)
-    if shard_map is None:  # older jax
-        from jax.experimental.shard_map import shard_map
-    heads = P(None, "tp", None)
-    pool = P("tp", None, None, None)
-    rep = P()
+    """The Pallas kernels run per TP shard under shard_map: shard i gets query heads [i*Hq/N, (i+1)*Hq/N) and KV
+    heads [i*Hkv/N, (i+1)*Hkv/N) -- the same query-to-KV grouping as unsharded, since N divides both counts --
+    and the replicated tables; its output is its own heads' slice. No communication inside attention."""
+    if jax.default_backend() != "gpu":   # CPU: the kernels run in Pallas's GPU interpreter
+        _interpret_per_device_barrier_check()
+    heads = P(None, AXIS, None)              # q / out [T, Hq, D] split by head
+    pool = P(AXIS, None, None, None)         # pages [Hkv, blocks, bs, D] split by KV head
+    rep = P()                                # block tables, context lengths, query starts: whole on every shard
 
     def decode(q, kp, vp, bt, cl):
-        return shard_map(paged_attention, mesh=mesh, in_specs=(heads, pool, pool, rep, rep), out_specs=heads,
-                         check_vma=False)(q, kp, vp, bt, cl)
+        return shard_map(paged_attention, mesh=mesh, in_specs=(heads, pool, pool, rep, rep),
+                         out_specs=heads)(q, kp, vp, bt, cl)
 
     def prefill(q, kp, vp, qs, cl, bt):
         return shard_map(ragged_prefill_attention, mesh=mesh, in_specs=(heads, pool, pool, rep, rep, rep),
-                         out_specs=heads, check_vma=False)(q, kp, vp, qs, cl, bt)
+                         out_specs=heads)(q, kp, vp, qs, cl, bt)
 
     return decode, prefill
+
+
+_INTERPRET_CHECK_PATCHED = False
+
+
+def _interpret_per_device_barrier_check() -> None:
+    """Make Pallas's GPU interpret mode (CPU) usable on several devices at once; a no-op after the first call
+    and on a JAX without the check.
+
+    Under shard_map each device interprets the kernel in its own thread against one process-wide simulated
+    memory. At the end of a kernel the interpreter asserts that no barrier is still allocated -- over *all*
+    devices (jax 0.10.2 `GPUSharedMemory.assert_no_barriers_allocated`), so a device that finishes first trips
+    over a barrier another device still uses, and the failed callback leaves the rest waiting forever at the
+    interpreter's clean-up barrier. We swap in the same check restricted to the calling device's allocations: a
+    kernel must still free every barrier it allocated. The compiled Mosaic GPU kernels never run this code."""
+    global _INTERPRET_CHECK_PATCHED
+    if _INTERPRET_CHECK_PATCHED:
+        return
+    try:
+        from jax._src import callback
+        from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks, jaxpr_interpret
+    except ImportError:
+        return
+    if not hasattr(gpu_callbacks, "call_assert_no_barriers_allocated"):
+        return
+
+    def own_barriers_freed(token, device_id):
+        memory = gpu_callbacks._get_shared_memory()
+        dev = int(device_id)
+        with memory.lock:
+            items = list(memory.mem.items())
+        for key, alloc in items:
+            if getattr(key, "device_id", dev) == dev and "Barrier" in type(alloc).__name__:
+                raise AssertionError(f"Barrier remains allocated at key `{key}`.")
+        return token
+
+    def call_assert_no_barriers_allocated(token):
+        device_id = jaxpr_interpret.DeviceInfo().device_id     # traced: this shard's logical device id
+        return callback.io_callback(own_barriers_freed, gpu_callbacks.TOKEN_SHAPE_DTYPE, token, device_id)
+
+    gpu_callbacks.call_assert_no_barriers_allocated = call_assert_no_barriers_allocated
+    _INTERPRET_CHECK_PATCHED = True

@@ -1,25 +1,52 @@
 """Tensor parallelism with jit shardings: a 1-D mesh axis `tp` and the one place that maps params to it.
 
-Megatron layout: QKV / MLP-up (and Llama's gate) are split by column, the attention out-projection and MLP-down
-by row; XLA (GSPMD) inserts the all-reduces. Embeddings and the LM head stay replicated (for models this small
-the vocab-parallel head's extra all-gather of logits costs more than it saves; measure before changing). The KV
-pool is split by KV head. Because jit shardings are semantics-preserving, TP=N computes what TP=1 computes; the
-layout only decides where the bytes live and what is communicated.
+Layout. QKV / MLP-up (and Llama's gate) are split by column, the attention out-projection and MLP-down by row
+(Megatron); XLA (GSPMD) inserts the all-reduces. The KV pool `[num_kv_heads, blocks, block_size, head_dim]` is
+split by KV head, and the attention kernels run per shard (attention.py: the Pallas kernels under `shard_map`,
+each shard on its own query and KV heads; the XLA path is partitioned by GSPMD). Because jit shardings are
+semantics-preserving, TP=N computes what TP=1 computes; the layout only decides where the bytes live and what
+is communicated.
+
+LM head and token embedding (`head_layout`): "replicated" (default) keeps them whole on every device;
+"vocab" splits the embedding table `[V, D]` by row and an untied head `[D, V]` by column, so each device holds
+V/N rows and computes V/N logits; the embedding lookup becomes a masked lookup + an all-reduce of [T, D], and
+sampling works on the split logits (for greedy rows the CPU programs all-gather only the per-shard maxima
+[S, N]; other sampling may gather [S, V]). Pick it per engine with `make_tp_placement(..., head=...)`, the
+module variable `HEAD_LAYOUT` or the environment variable `YAIE_TP_HEAD` (the engine calls
+`make_tp_placement(model, tp)` without `head`). "vocab" needs V divisible by N (a JAX array sharding cannot be
+ragged): it is refused otherwise (GPT-2's 50257 is prime to 2 and 4; pad the vocabulary to 50304 as nanoGPT
+does). Replicated is the default until scripts/bench_tp.py shows vocab-parallel pays on the GPU.
 
 Head counts: TP=N needs num_heads and num_kv_heads divisible by N (each shard owns whole heads and their KV).
 Other N are refused at start-up with a message naming the counts; padding or replicating heads would change
 what every shard computes and is left for later (GPT-2 XL's 25 heads: use TP=1 or 5; SmolLM2's 9/3 heads: TP=3).
+
+GPT-2's fused `attn_qkv` kernel `[D, 3D]` (columns q | k | v) split by column is not head-aligned (with N=2 the
+first shard holds all of q and half of k), so XLA re-lays q/k/v out by head before attention each layer; Llama's
+separate q/k/v projections are head-aligned. Correct either way, but GPT-2 pays extra communication.
+
+Verified on 4 fake CPU devices (tests/parallel/test_tp.py, fp32, greedy): TP=2 and TP=4 give TP=1's tokens for
+GPT-2 (tied head, fused QKV) and Llama (GQA 8/4 heads, untied head) tiny configs -- with the "pallas" backend
+(the Mosaic GPU kernels in interpret mode, per shard under shard_map, against TP=1 with both backends), with the
+"xla" backend, and with the "vocab" head layout (XLA backend; the head layout does not touch attention); the
+params, KV pool and (for "vocab") embedding / untied head are checked to be split through their `.sharding`. The
+compiled CPU programs hold two all-reduces of [tokens, D] per layer (plus, for GPT-2, collective-permutes that
+re-lay the fused QKV out by head) and no gather of the KV pool. On GPUs: scripts/bench_tp.py (not yet run).
 """
 from __future__ import annotations
 
+import inspect
+import os
 import re
-from typing import Dict
+from typing import Dict, Optional
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "tp"
+HEAD_LAYOUTS = ("replicated", "vocab")
+HEAD_LAYOUT: Optional[str] = None        # None: $YAIE_TP_HEAD, else "replicated"
 
 # (regex on the "/"-joined param path, spec). First match wins; no match = replicated.
 RULES = [
@@ -27,9 +54,15 @@ RULES = [
     (r"(attn_qkv|q_proj|k_proj|v_proj|gate_proj|up_proj|mlp_fc)/bias$", P(AXIS)),
     (r"(attn_out|o_proj|down_proj|mlp_proj)/kernel$", P(AXIS, None)),
 ]
+# Added in front of RULES for head_layout "vocab": token embedding [V, D] by row, untied head [D, V] by column.
+VOCAB_RULES = [
+    (r"(wte|embed_tokens)/embedding$", P(AXIS, None)),
+    (r"lm_head/kernel$", P(None, AXIS)),
+]
 
 
 def check_divisible(config, tp: int) -> None:
+    """Raise ValueError unless `tp` divides both head counts (each shard must own whole heads and their KV)."""
     if config.num_heads % tp or config.num_kv_heads % tp:
         raise ValueError(
             f"invalid engine argument tensor_parallel_size={tp}: the model has {config.num_heads} query heads and "
@@ -37,7 +70,16 @@ def check_divisible(config, tp: int) -> None:
             f"owns whole heads). Choose a divisor of both.")
 
 
+def head_layout(head: Optional[str] = None) -> str:
+    """The LM head / embedding layout to use: `head`, else HEAD_LAYOUT, else $YAIE_TP_HEAD, else "replicated"."""
+    name = head or HEAD_LAYOUT or os.environ.get("YAIE_TP_HEAD") or "replicated"
+    if name not in HEAD_LAYOUTS:
+        raise ValueError(f"unknown tensor-parallel head layout {name!r} (choose from {', '.join(HEAD_LAYOUTS)})")
+    return name
+
+
 def make_mesh(tp: int) -> Mesh:
+    """A 1-D mesh over the first `tp` visible devices, axis name AXIS."""
     devices = jax.devices()
     if tp > len(devices):
         raise ValueError(f"invalid engine argument tensor_parallel_size={tp}: only {len(devices)} devices are "
@@ -45,26 +87,56 @@ def make_mesh(tp: int) -> Mesh:
     return Mesh(np.array(devices[:tp]), (AXIS,))
 
 
-def spec_for(path: str) -> P:
-    for pattern, spec in RULES:
+def spec_for(path: str, rules=RULES) -> P:
+    """The PartitionSpec of the first rule whose regex matches `path`; P() (replicated) if none does."""
+    for pattern, spec in rules:
         if re.search(pattern, path):
             return spec
     return P()
 
 
-def param_specs(params) -> Dict:
+def param_specs(params, head: str = "replicated") -> Dict:
+    """PartitionSpec for every leaf of `params` (same tree); specs longer than a leaf's rank fall back to P()."""
+    rules = (VOCAB_RULES + RULES) if head == "vocab" else RULES
+
     def one(path, leaf):
         name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-        spec = spec_for(name)
+        spec = spec_for(name, rules)
         return spec if len(spec) <= np.ndim(leaf) else P()
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def make_tp_placement(model, tp: int) -> dict:
-    """Keyword arguments for ModelRunner: mesh, param shardings, KV-pool sharding."""
+def check_vocab_divisible(config, tp: int) -> None:
+    """Raise ValueError unless `tp` divides the vocabulary (needed by the "vocab" head layout)."""
+    if config.vocab_size % tp:
+        raise ValueError(
+            f"the vocab-parallel LM head needs vocab_size divisible by tensor_parallel_size, but "
+            f"{config.vocab_size} % {tp} != 0; use the replicated head (YAIE_TP_HEAD=replicated) or a checkpoint "
+            f"with a padded vocabulary")
+
+
+def make_tp_placement(model, tp: int, head: Optional[str] = None) -> dict:
+    """Keyword arguments for ModelRunner: mesh, param shardings, KV-pool sharding. `head`: see head_layout()."""
     check_divisible(model.config, tp)
+    head = head_layout(head)
+    if head == "vocab":
+        check_vocab_divisible(model.config, tp)
     mesh = make_mesh(tp)
-    shardings = jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), param_specs(model.params),
+    shardings = jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), param_specs(model.params, head),
                                        is_leaf=lambda x: isinstance(x, P))
     return {"mesh": mesh, "param_shardings": shardings,
             "kv_sharding": NamedSharding(mesh, P(AXIS, None, None, None))}
+
+
+def shard_map(f, *, mesh: Mesh, in_specs, out_specs):
+    """`jax.shard_map` without its replication / varying-axes check, on old and new JAX alike.
+
+    The check is off because the Pallas kernels have no rule for it; the specs we pass are exact (every output
+    is split like the inputs it came from). Newer JAX (0.10, 0.11) has `jax.shard_map(..., check_vma=)`, older
+    JAX only `jax.experimental.shard_map.shard_map(..., check_rep=)`."""
+    fn = getattr(jax, "shard_map", None)
+    if fn is None:
+        from jax.experimental.shard_map import shard_map as fn
+    params = inspect.signature(fn).parameters
+    check = {"check_vma": False} if "check_vma" in params else {"check_rep": False}
+    return fn(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **check)
