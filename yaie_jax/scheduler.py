@@ -243,10 +243,18 @@ class Scheduler:
         # 3) New admissions (and recompute-preempted sequences), only when nobody waits in the host pool.
         if not preempted_any and not self.swapped:
             cap = min(self.config.max_num_seqs, self.decode_cap)
+            # In-batch prefix sharing: a prompt whose first block is being computed by another sequence (admitted
+            # this step or still in prefill) waits for it to land in the prefix cache instead of computing the
+            # same prefix again (a burst of requests sharing a system prompt would otherwise all miss).
+            computing = {self._first_block(s) for s in self.running
+                         if s.num_computed_tokens < s.num_prompt_tokens} if self.config.enable_prefix_caching else None
             for seq in sorted(self.waiting, key=self._key):
                 need_seqs = 1 if seq.request.forked else seq.request.params.n
                 if budget <= 0 or len(self.running) + need_seqs > cap:
                     break
+                first = self._first_block(seq) if computing is not None else None
+                if first is not None and first in computing:
+                    continue
                 n_total = seq.num_uncomputed_tokens  # before prefix matching
                 if not chunked and n_total > budget:
                     break
@@ -265,9 +273,16 @@ class Scheduler:
                 seq.status = SeqStatus.RUNNING
                 self.running.append(seq)
                 schedule_seq(seq, n)
+                if first is not None and cached < self.bm.block_size:
+                    computing.add(first)
 
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         return out
+
+    def _first_block(self, seq: Sequence) -> Optional[tuple]:
+        """The prompt's first full block of tokens (None if the prompt is shorter than a block)."""
+        bs = self.bm.block_size
+        return tuple(seq.token_ids[:bs]) if seq.num_prompt_tokens > bs else None
 
     def _try_multi_step(self, out: SchedulerOutput, now: float, pending: int = 0) -> Optional[SchedulerOutput]:
         """Several decode steps in one device call (no host round trip between them), when nothing else could use

@@ -75,3 +75,18 @@ def test_greedy_matches_hf(gpt2_dir, prompts_and_refs, case):
     llm.engine.block_manager.reset_prefix_cache()
     assert llm.engine.block_manager.num_free_gpu_blocks == llm.engine.runner.num_gpu_blocks
     assert stats["num_running"] == 0 and stats["num_waiting"] == 0
+
+
+def test_burst_sharing_a_prefix_computes_it_once_per_group(gpt2_dir):
+    """A burst of requests sharing a prompt prefix (issue 10's W4 shape): only the first request of each group
+    computes the prefix; the others wait for it to land in the prefix cache (not all miss in the same step), and
+    the tokens are HF's."""
+    rng = np.random.default_rng()
+    groups = [rng.integers(1, 384, size=48).tolist() for _ in range(2)]
+    prompts = [g + rng.integers(1, 384, size=int(rng.integers(3, 9))).tolist() for g in groups for _ in range(5)]
+    llm = LLM(gpt2_dir, dtype="float32", attention_backend="xla", warmup=False, compile_cache_dir=None,
+              max_num_batched_tokens=512)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        support.assert_same_greedy(gpt2_dir, p, o.outputs[0].token_ids, support.hf_greedy(gpt2_dir, p, 6))
+    assert [o.num_cached_tokens for o in outs] == [0, 48, 48, 48, 48] * 2
