@@ -142,11 +142,11 @@ def bar_plot(path: str, labels: List[str], values: List[float], ylabel: str, tit
     except ImportError:
         print("matplotlib not installed: no plot", path)
         return
-    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(labels)), 3.2))
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.6 * len(labels)), 3.4))
     bars = ax.bar(labels, values, color="#4878a8")
     ax.bar_label(bars, fmt="%.3g")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

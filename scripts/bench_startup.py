@@ -21,11 +21,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 import bench_common as bc  # noqa: E402
 
 
-def first_completion(port: int, timeout_s: float) -> float:
-    """Poll until one completion succeeds; returns the monotonic time it did."""
+def first_completion(port: int, timeout_s: float, proc=None) -> float:
+    """Poll until one completion succeeds; returns the monotonic time it did. Raises if `proc` exits first."""
     body = json.dumps({"prompt": [1, 2, 3, 4], "max_tokens": 4, "temperature": 0}).encode()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode} before answering")
         try:
             req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
                                          headers={"Content-Type": "application/json"})
@@ -48,7 +50,7 @@ def one_start(model_dir: str, cache_dir: str, port: int, extra, timeout_s: float
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            t1 = first_completion(port, timeout_s)
+            t1 = first_completion(port, timeout_s, proc)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:

@@ -103,7 +103,8 @@ def run_throughput(llm, prompts: List[List[int]], output_len: int) -> Dict:
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     ttfts = [o.metrics["first_token_time"] - o.metrics["arrival_time"] for o in outs]
     return {"output_tok_s": n_out / elapsed, "elapsed_s": elapsed, "output_tokens": n_out,
-            "mean_ttft_s": sum(ttfts) / len(ttfts), "throughput_warmup_s": warm_s}
+            "mean_ttft_s": sum(ttfts) / len(ttfts), "throughput_warmup_s": warm_s,
+            "_tokens": [list(o.outputs[0].token_ids) for o in outs]}
 
 
 def run_single_stream(llm, prompt: List[int], num_tokens: int, repeats: int) -> Dict:
@@ -188,6 +189,19 @@ def run_config(path: str, cfg: Dict, prompts, single_prompt, args) -> Dict:
     return row
 
 
+def add_agreement(rows: List[Dict], n_first: int = 16) -> None:
+    """Sanity check of TP > 1 against TP = 1 in the same run (greedy): the share of prompts whose first token,
+    and whose first `n_first` tokens, equal TP=1's. bf16 sums in another order may flip a near-tie and so part
+    a sequence later on; wrong sharding changes nearly every first token. Drops the token lists from the rows."""
+    base = next((r["_tokens"] for r in rows if r["tp"] == 1), None)
+    for r in rows:
+        toks = r.pop("_tokens")
+        if base is None:
+            continue
+        r["first_token_agree_tp1"] = float(np.mean([a[:1] == b[:1] for a, b in zip(toks, base)]))
+        r[f"first{n_first}_agree_tp1"] = float(np.mean([a[:n_first] == b[:n_first] for a, b in zip(toks, base)]))
+
+
 def merge_rows(old: List[Dict], new: List[Dict]) -> List[Dict]:
     """`old` rows with those of the same (tp, head) replaced by `new` ones, sorted by head then TP."""
     keep = {(r["tp"], r["head"]): r for r in old}
@@ -253,6 +267,7 @@ def main() -> None:
     single_prompt = np.random.default_rng(1).integers(0, min(vocab_size, 50257), size=128).tolist()
     todo = configs([int(x) for x in args.tp.split(",")], args.head.split(","), jax.device_count())
     rows = [run_config(path, cfg, prompts, single_prompt, args) for cfg in todo]
+    add_agreement(rows)
 
     name = f"tp_{args.model}"
     json_path = os.path.join(args.out, f"{name}.json")
@@ -260,7 +275,8 @@ def main() -> None:
         with open(json_path) as f:
             rows = merge_rows(json.load(f)["rows"], rows)
     bc.print_table(rows, ["tp", "head", "output_tok_s", "elapsed_s", "mean_ttft_s", "ms_per_token",
-                          "single_ttft_ms", "param_mib_device0", "kv_blocks", "startup_s"])
+                          "single_ttft_ms", "param_mib_device0", "kv_blocks", "startup_s",
+                          "first_token_agree_tp1", "first16_agree_tp1"])
     record = {"benchmark": "tensor parallel (W1-style throughput, single-stream ms/token)", "model": args.model,
               "config": vars(args), "env": bc.environment(), "rows": rows}
     print("wrote", bc.write_result(args.out, name, record))

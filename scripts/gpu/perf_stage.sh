@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Device-side benchmark stages for issue 10 (one stage per device call; results under $OUT).
 #   bash scripts/gpu/perf_stage.sh A   # W1 yaie (+ profile) and HF (same call), W2 yaie (+ profile) and HF
-#   bash scripts/gpu/perf_stage.sh B   # start-up cold/warm through the server, W3 serving, W4 prefix on/off,
-#                                      # W6 yaie and HF
+#   bash scripts/gpu/perf_stage.sh B   # start-up cold/warm through the server, W3 serving, W4 prefix on/off
+#   bash scripts/gpu/perf_stage.sh C   # W6 yaie and HF
+#   bash scripts/gpu/perf_stage.sh TP  # issue 8: GPT-2 large at TP sizes $TP_SIZES (2-4 GPU machine)
 set -x
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export YAIE_COMPILE_CACHE_DIR=/tmp/yaie_xla_cache
@@ -12,24 +13,31 @@ run() { local name=$1 limit=$2; shift 2; timeout $limit "$@" > $OUT/$name.log 2>
         grep -a -v "it/s\]\|s/it\]\|^\s*$" $OUT/$name.log | tail -${TAIL:-8}; }
 case ${1:-A} in
 A)
-  run w1_yaie 240 python3 scripts/bench_throughput.py --workload W1 --backend yaie --profile-prompts 128 --out $OUT
+  run w1_yaie 330 python3 scripts/bench_throughput.py --workload W1 --backend yaie --profile-prompts 128 --out $OUT
   [ -n "$SKIP_W2" ] || run w2_yaie 120 python3 scripts/bench_latency.py --backend yaie --profile --out $OUT
   [ -n "$SKIP_W2" ] || run w2_hf 90 python3 scripts/bench_latency.py --backend hf --out $OUT
-  run w1_hf 300 python3 scripts/bench_throughput.py --workload W1 --backend hf --out $OUT
+  run w1_hf 200 python3 scripts/bench_throughput.py --workload W1 --backend hf --out $OUT
   ;;
 B)
-  pip install -q --no-deps .whl/*.whl 2>&1 | tail -2
+  # the server's packages travel as wheels (carry .whl; see ../shared/tools/gpu-wheels)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site:$PYTHONPATH || exit 1
   SERVE="--max-num-seqs 256 --num-decode-steps 4 --max-num-batched-tokens 4096 --gpu-memory-utilization 0.5"
-  run startup 300 python3 scripts/bench_startup.py --runs cold,warm,cold-cublas --out $OUT -- $SERVE
+  run startup 150 python3 scripts/bench_startup.py --runs cold,warm --out $OUT -- $SERVE
   python3 -m yaie_jax.serve ~/.cache/yaie_bench/gpt2_124m --port 8000 $SERVE --no-access-log \
       > $OUT/server_w3.log 2>&1 &
   SERVER=$!
   for i in $(seq 120); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
-  run w3 200 python3 scripts/bench_serving.py --rates 4 16 64 --duration-s 20 --out $OUT
+  run w3 150 python3 scripts/bench_serving.py --rates 4 16 64 --duration-s 20 --out $OUT
   kill -TERM $SERVER; wait $SERVER
-  run w4 150 python3 scripts/bench_throughput.py --workload W4 --backend yaie --out $OUT
+  run w4 120 python3 scripts/bench_throughput.py --workload W4 --backend yaie --out $OUT
+  ;;
+C)
   run w6_yaie 150 python3 scripts/bench_throughput.py --workload W6 --backend yaie --max-model-len 2048 --out $OUT
   run w6_hf 200 python3 scripts/bench_throughput.py --workload W6 --backend hf --out $OUT
+  ;;
+TP)
+  run tp 560 python3 scripts/bench_tp.py --tp ${TP_SIZES:-1,2} --head ${TP_HEADS:-replicated,vocab} --out $OUT
   ;;
 esac
 rm -rf $OUT/trace_*
