@@ -21,11 +21,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 import bench_common as bc  # noqa: E402
 
 
-def first_completion(port: int, timeout_s: float, proc=None) -> float:
-    """Poll until one completion succeeds; returns the monotonic time it did. Raises if `proc` exits first."""
+MARKS = {"listening": '"event": "listening"'}
+
+
+def first_completion(port: int, timeout_s: float, proc=None, log_path: str = None) -> float:
+    """Poll until one completion succeeds; returns the monotonic time it did. Raises if `proc` exits first.
+    Also notes (in STAGES) when the server's log first shows each of MARKS."""
     body = json.dumps({"prompt": [1, 2, 3, 4], "max_tokens": 4, "temperature": 0}).encode()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if log_path:
+            _note_marks(log_path)
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the server exited with status {proc.returncode} before answering")
         try:
@@ -39,6 +45,20 @@ def first_completion(port: int, timeout_s: float, proc=None) -> float:
     raise TimeoutError(f"server did not answer within {timeout_s} s")
 
 
+STAGES: dict = {}
+
+
+def _note_marks(log_path: str) -> None:
+    try:
+        with open(log_path, errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return
+    for name, needle in MARKS.items():
+        if name not in STAGES and needle in text:
+            STAGES[name] = time.monotonic()
+
+
 def one_start(model_dir: str, cache_dir: str, port: int, extra, timeout_s: float, log_path: str,
               xla_flags: str = "") -> float:
     cmd = [sys.executable, "-m", "yaie_jax.serve", model_dir, "--port", str(port),
@@ -50,13 +70,15 @@ def one_start(model_dir: str, cache_dir: str, port: int, extra, timeout_s: float
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            t1 = first_completion(port, timeout_s, proc)
+            t1 = first_completion(port, timeout_s, proc, log_path)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    for name in list(STAGES):
+        STAGES[name] -= t0
     return t1 - t0
 
 
@@ -84,7 +106,8 @@ def main() -> None:
         flags = "--xla_gpu_enable_triton_gemm=false" if kind.endswith("cublas") else ""
         seconds = one_start(model_dir, cache_dir, args.port + i, extra, args.timeout_s,
                             os.path.join(args.out, f"startup_{kind}.log"), xla_flags=flags)
-        rows.append({"run": kind, "startup_to_first_completion_s": seconds})
+        rows.append({"run": kind, "startup_to_first_completion_s": seconds,
+                     "startup_to_listening_s": STAGES.pop("listening", None)})
         bc.print_table(rows[-1:], list(rows[-1]))
     record = {"config": vars(args), "env": bc.environment(), "results": rows}
     print("wrote", bc.write_result(args.out, "startup", record))

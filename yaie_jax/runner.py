@@ -102,6 +102,7 @@ class ModelRunner:
         self._ready: set = set()            # (kind, S or T) bucket programs compiled by warm-up
         self._warm_started = False
         self._warm_thread: Optional[threading.Thread] = None
+        self._last_step_t = 0.0             # monotonic time of the last step dispatched (background compiles wait)
 
     # ------------------------------------------------------------------ memory
     def kv_bytes_per_block(self) -> int:
@@ -296,6 +297,7 @@ class ModelRunner:
         in place (donated). The one place the engine's steps reach the device. Returns device arrays."""
         fn = self.compiled(kind, batch, sbatch, flags, num_steps)
         result, self.kv_caches = fn(self.params, self.kv_caches, batch, sbatch)
+        self._last_step_t = time.monotonic()
         return result
 
     # ------------------------------------------------------------------ compiled programs
@@ -400,8 +402,9 @@ class ModelRunner:
     def warmup(self, background: bool = True) -> None:
         """Compile the bucket programs (greedy sampling variant) several at a time in threads (XLA compiles in
         C++ without the GIL), behind a progress bar. The coverage set (`coverage_shapes`) is compiled before this
-        returns; with background=True the other buckets compile in a daemon thread while the engine serves, and
-        until a step's own bucket is ready it runs padded to the next larger ready one (`wait_for_warmup` joins)."""
+        returns; with background=True the other buckets compile in a daemon thread while the engine serves (each
+        waits for a pause in the steps, at most 5 s, see `_compile_when_idle`), and until a step's own bucket is
+        ready it runs padded to the next larger ready one (`wait_for_warmup` joins)."""
         shapes = self.warmup_shapes()
         first = self.coverage_shapes(shapes)
         rest = [sh for sh in shapes if sh not in first]
@@ -419,9 +422,17 @@ class ModelRunner:
         if background and rest:
             def compile_rest():
                 with concurrent.futures.ThreadPoolExecutor(max(1, workers // 2)) as pool:
-                    list(pool.map(self._compile_shape, rest))
+                    list(pool.map(self._compile_when_idle, rest))
             self._warm_thread = threading.Thread(target=compile_rest, name="yaie-compile", daemon=True)
             self._warm_thread.start()
+
+    def _compile_when_idle(self, shape, idle_s: float = 0.25, max_defer_s: float = 5.0) -> None:
+        """Background compile of one bucket, started once no step has run for `idle_s` (tracing and lowering
+        hold the GIL, which the serving loop needs) or after `max_defer_s` at the latest."""
+        deadline = time.monotonic() + max_defer_s
+        while time.monotonic() < deadline and time.monotonic() - self._last_step_t < idle_s:
+            time.sleep(0.02)
+        self._compile_shape(shape)
 
     def wait_for_warmup(self) -> None:
         """Block until background bucket compilation (if any) has finished."""
