@@ -1,6 +1,8 @@
 """Bad input is a 4xx in OpenAI's error shape with the right `param`, never a 500."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -169,3 +171,27 @@ def test_server_still_healthy_after_bad_inputs(server):
     r = server.post("/v1/completions", json={"prompt": "ok", "max_tokens": 2, "temperature": 0})
     assert r.json()["choices"][0]["text"] == "ok"
     server.wait_idle()
+
+
+from conftest import live_server  # noqa: E402
+from fake_engine import FakeEngine  # noqa: E402
+
+
+class _RefusingEngine(FakeEngine):
+    """Accepts a request at the HTTP layer, then refuses it in the engine thread (after the stream started)."""
+
+    def add_prepared(self, req) -> None:
+        self._check_thread()
+        raise ValueError("prompt token ids must be in [0, 10)")
+
+
+@pytest.mark.parametrize("endpoint,base,param", [("/v1/completions", COMPLETION, "prompt"),
+                                                 ("/v1/chat/completions", CHAT, "messages")])
+def test_refusal_after_the_stream_started_names_the_input_field(endpoint, base, param):
+    with live_server(engine=_RefusingEngine()) as server:
+        r = server.post(endpoint, json={**base, "max_tokens": 4, "stream": True})
+        assert r.status_code == 200
+        events = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        err = json.loads(events[-2])["error"]
+        assert err["param"] == param and err["type"] == "invalid_request_error"

@@ -461,7 +461,8 @@ def create_app(async_engine: AsyncEngine, settings: Optional[ServerSettings] = N
     # ------------------------------------------------------------------------------------ streaming
     def stream_response(rid: str, endpoint: str, streams: List[RequestStream], trackers: List[_Tracker], n: int,
                         arrival: float, client: Optional[str], *, envelope: dict, first_choices: List[dict],
-                        choice_of: ChoiceFn, include_usage: bool, continuous_usage: bool) -> SSEResponse:
+                        choice_of: ChoiceFn, include_usage: bool, continuous_usage: bool,
+                        input_param: str = "prompt") -> SSEResponse:
         """The SSE answer shared by completions and chat; only the chunk contents differ per endpoint.
 
         `envelope`: the fixed fields of every chunk (id, object, ...), before `choices`. `first_choices`: sent one
@@ -505,8 +506,8 @@ def create_app(async_engine: AsyncEngine, settings: Optional[ServerSettings] = N
             except (EngineDeadError, EngineUnavailableError) as e:
                 yield sse(unavailable(e).body())
                 yield "data: [DONE]\n\n"
-            except ValueError as e:     # both endpoints name "prompt" here (chat's non-streamed path says "messages")
-                yield sse(map_engine_value_error(e, "prompt").body())
+            except ValueError as e:     # an engine refusal of the input: name the endpoint's input field
+                yield sse(map_engine_value_error(e, input_param).body())
                 yield "data: [DONE]\n\n"
             finally:
                 for s in streams:
@@ -708,7 +709,7 @@ def create_app(async_engine: AsyncEngine, settings: Optional[ServerSettings] = N
                 envelope={"id": rid, "object": "chat.completion.chunk", "created": created_at, "model": resp_model,
                           "system_fingerprint": None},
                 first_choices=role_choices, choice_of=chat_choice, include_usage=body.include_usage,
-                continuous_usage=body.continuous_usage)
+                continuous_usage=body.continuous_usage, input_param="messages")
 
         async def collect():
             try:
