@@ -398,6 +398,9 @@ class LLMEngine:
         stats["num_steps"] = self._step_counter
         stats["num_pipelined_calls"] = self._num_pipelined_calls
         stats["host_time_s"] = dict(self.host_time_s)
+        log = list(self.runner.compile_log)
+        stats["num_compiled_programs"] = len(log)
+        stats["compile_s"] = {"trace_lower": sum(e[4] for e in log), "compile": sum(e[5] for e in log)}
         return stats
 
     def warmup(self, background: bool = True) -> None:

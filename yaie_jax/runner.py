@@ -14,6 +14,7 @@ Padding tokens write nowhere (slot -1) and padding sequences have context length
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import math
 import os
 import threading
@@ -30,6 +31,8 @@ from .attention import make_paged_attention
 from .config import EngineConfig
 from .models.base import CausalLM
 from .scheduler import SchedulerOutput
+
+logger = logging.getLogger("yaie_jax.runner")
 
 JNP_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
@@ -97,6 +100,7 @@ class ModelRunner:
         self._write_blocks_fn = jax.jit(_write_blocks, donate_argnums=(0,))
         self._read_blocks_fn = jax.jit(_read_blocks)
         self._last_tokens_fn = jax.jit(lambda ids, rows: ids[-1][rows])   # [K, S_prev], [S] -> [S]
+        self.compile_log: List[tuple] = []  # one entry per compiled program (see `compiled`)
         self._compiled: dict = {}        # (kind, flags, num_steps, input shapes) -> compiled executable
         self._compile_lock = threading.Lock()
         self._ready: set = set()            # (kind, S or T) bucket programs compiled by warm-up
@@ -312,15 +316,24 @@ class ModelRunner:
         key = (kind, flags, num_steps, self._shape_key(batch), self._shape_key(sbatch))
         fn = self._compiled.get(key)
         if fn is None:
+            t0 = time.perf_counter()
             if kind == "multi":
                 lowered = self._multi_step_fn.lower(self.params, self.kv_caches, batch, sbatch, flags=flags,
                                                     num_steps=num_steps)
             else:
                 lowered = self._step_fn.lower(self.params, self.kv_caches, batch, sbatch,
                                               decode=(kind == "decode"), flags=flags)
+            t1 = time.perf_counter()
             fn = lowered.compile()
+            t2 = time.perf_counter()
+            rows = np.shape(batch["context_lens"])[0]
+            tokens = np.shape(batch["input_ids"])[0]
             with self._compile_lock:
                 self._compiled[key] = fn
+                # (kind, S, T, steps, trace+lower s, compile s); a compile of ~0.1 s is a persistent-cache hit
+                self.compile_log.append((kind, rows, tokens, num_steps, t1 - t0, t2 - t1))
+            logger.info("compiled %s S=%d T=%d steps=%d: trace+lower %.2f s, compile %.2f s", kind, rows, tokens,
+                        num_steps, t1 - t0, t2 - t1)
         return fn
 
     # ------------------------------------------------------------------ block copies / swap
