@@ -81,7 +81,8 @@ class LLMEngine:
             raise ValueError(f"invalid engine argument max_num_batched_tokens={config.max_num_batched_tokens}: "
                              f"must be >= max_model_len ({self.max_model_len}) when chunked prefill is off")
         if config.tensor_parallel_size > 1:
-            from .parallel import make_tp_placement
+            from .parallel import group_fused_qkv, make_tp_placement
+            self.model = group_fused_qkv(self.model, config.tensor_parallel_size)
             placement = make_tp_placement(self.model, config.tensor_parallel_size)
         else:
             placement = {}

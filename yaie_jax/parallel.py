@@ -35,6 +35,7 @@ re-lay the fused QKV out by head) and no gather of the KV pool. On GPUs: scripts
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import re
@@ -113,6 +114,29 @@ def check_vocab_divisible(config, tp: int) -> None:
             f"the vocab-parallel LM head needs vocab_size divisible by tensor_parallel_size, but "
             f"{config.vocab_size} % {tp} != 0; use the replicated head (YAIE_TP_HEAD=replicated) or a checkpoint "
             f"with a padded vocabulary")
+
+
+def group_fused_qkv(model, tp: int):
+    """The model to place on `tp` shards: for GPT-2 (fused QKV, split by column), a copy whose QKV columns are
+    regrouped per shard, [q_g | k_g | v_g] for g < tp (config.qkv_groups = tp), so that shard g holds whole heads of
+    q, k and v. In HF order a column split would give shard 0 all of q and half of k, and XLA would move q/k/v
+    between devices in every layer (collective-permutes). Other models, and tp == 1, come back unchanged."""
+    cfg = model.config
+    if cfg.arch != "gpt2" or tp == 1 or cfg.qkv_groups == tp:
+        return model
+    if cfg.qkv_groups != 1:
+        raise ValueError(f"model QKV is grouped for {cfg.qkv_groups} shards, cannot regroup for {tp}")
+    D = cfg.hidden_size
+
+    def regroup(leaf):                                       # [..., 3D] in [q | k | v] order -> grouped
+        a = np.asarray(leaf)
+        lead = a.shape[:-1]
+        return a.reshape(*lead, 3, tp, D // tp).swapaxes(-3, -2).reshape(*lead, 3 * D)
+
+    params = {name: ({**block, "attn_qkv": {k: regroup(v) for k, v in block["attn_qkv"].items()}}
+                     if isinstance(block, dict) and "attn_qkv" in block else block)
+              for name, block in model.params.items()}
+    return type(model)(dataclasses.replace(cfg, qkv_groups=tp), params)
 
 
 def make_tp_placement(model, tp: int, head: Optional[str] = None) -> dict:

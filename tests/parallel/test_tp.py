@@ -50,6 +50,8 @@ def check(res, num_kv_heads):
         vocab_split = tp if head == ["vocab"] else 1
         assert r["kv_shards"] == tp
         assert r["kv_shard_shape"][0] == num_kv_heads // tp
+        if head != ["vocab"]:   # (a vocab-split head gathers per-shard maxima / logits by design)
+            assert r["extra_collectives"] == 0, f"{run}: XLA moves activations between devices (all-gather...)"
         assert r["qkv_shard_shape"][1] == r["qkv_shape"][1] // tp
         assert r["embedding_shard_shape"] == [r["embedding_shape"][0] // vocab_split, r["embedding_shape"][1]]
         if r["lm_head_shape"] is not None:   # untied head [D, V]

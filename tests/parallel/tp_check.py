@@ -8,6 +8,7 @@ greedy tokens, how the KV pool, the first QKV kernel, the token embedding and an
 wall time.
 """
 import json
+import re
 import sys
 import time
 
@@ -19,6 +20,9 @@ from yaie_jax import LLM, SamplingParams, parallel
 # Interpret mode (the "pallas" backend on CPU) costs seconds per kernel call, so: 3 short prompts in one prefill
 # step, then one fused call of 2 decode steps (3 tokens each); 4 sequence slots keep the decode grid small.
 SP = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+
+EXTRA_COLLECTIVE = re.compile(r"= \S+ (?:all-gather|collective-permute|all-to-all)[-a-z]*\(")
 
 
 def check_model(path, runs, rng):
@@ -50,6 +54,8 @@ def check_model(path, runs, rng):
             "embedding_shape": list(emb.shape),
             "lm_head_shard_shape": list(lm_head[0].addressable_shards[0].data.shape) if lm_head else None,
             "lm_head_shape": list(lm_head[0].shape) if lm_head else None,
+            # data moves XLA added besides the Megatron all-reduces (none when every shard owns whole heads)
+            "extra_collectives": sum(len(EXTRA_COLLECTIVE.findall(fn.as_text())) for fn in r._compiled.values()),
             "seconds": round(time.perf_counter() - t0, 1)}
         del llm, r, k_pages, qkv, emb, lm_head, leaves
     return result

@@ -29,6 +29,9 @@ class ModelConfig:
     mlp_bias: bool = False          # Llama: MLP biases
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
+    # GPT-2's fused QKV columns: 1 = HF order [q | k | v]; G = grouped for G tensor-parallel shards,
+    # [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] (q_g: the g-th of G slices of q's heads), see parallel.group_fused_qkv
+    qkv_groups: int = 1
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)

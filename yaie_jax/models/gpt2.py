@@ -147,7 +147,11 @@ class GPT2Block(nn.Module):
         lead = x.shape[:-1]
         h = LayerNorm(cfg.norm_eps, name="ln_1")(x)
         qkv = Dense(3 * cfg.hidden_size, name="attn_qkv")(h)                      # [*lead, 3D]
-        q, k, v = jnp.split(qkv, 3, axis=-1)                                      # HF order: q | k | v
+        # columns: G groups of [q_g | k_g | v_g] (G = qkv_groups; 1 = HF order q | k | v), so that a column split
+        # over G tensor-parallel shards gives each shard whole heads of q, k and v (no regrouping between devices)
+        G = cfg.qkv_groups
+        parts = qkv.reshape(*lead, G, 3, cfg.hidden_size // G)                   # [*lead, G, 3, D/G]
+        q, k, v = (parts[..., i, :].reshape(*lead, cfg.hidden_size) for i in range(3))   # [*lead, D] each
         heads = lambda t: t.reshape(*lead, cfg.num_heads, cfg.head_dim)           # [*lead, H, Dh]
         a, kv_cache = attention(layer_idx, heads(q), heads(k), heads(v), kv_cache)  # [*lead, H, Dh]
         x = x + Dense(cfg.hidden_size, name="attn_out")(a.reshape(*lead, cfg.hidden_size).astype(x.dtype))
