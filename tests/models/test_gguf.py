@@ -86,11 +86,18 @@ def test_dequantize_matches_gguf_reference(name):
 
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_quantize_then_dequantize_is_close(name):
+    """Round trip within the format's quantization step, per 32-value block: a symmetric format's step is
+    amax / 2^(bits-1) (Q8_0: amax / 127), an affine one's (max - min) / (2^bits - 1). Rounding costs at most half
+    a step (plus the fp16 rounding of the scale; 0.54 seen in 300 draws): 0.65 allowed. Q4_0/Q5_0 put the largest-magnitude value at code
+    0 and clip the other sign at 2^bits - 1, one step short of its mirror: up to a whole step there (1.05)."""
     x = np.random.default_rng().normal(size=(8, 64)).astype(np.float32)
     q = gguf.quants.quantize(x, Q[name])
-    err = np.abs(ygguf.dequantize(q, Q[name], x.shape) - x).max()
-    bound = {"Q8_0": 0.02, "Q5_0": 0.15, "Q5_1": 0.15}.get(name, 0.4)
-    assert err < bound, err
+    err = np.abs(ygguf.dequantize(q, Q[name], x.shape) - x).reshape(-1, 32).max(axis=1)         # [blocks]
+    blocks = x.reshape(-1, 32)
+    amax, span = np.abs(blocks).max(axis=1), blocks.max(axis=1) - blocks.min(axis=1)
+    step = {"Q8_0": amax / 127, "Q4_0": amax / 8, "Q5_0": amax / 16, "Q4_1": span / 15, "Q5_1": span / 31}[name]
+    allowed = 1.05 if name in ("Q4_0", "Q5_0") else 0.65
+    assert np.all(err <= allowed * step), (err / step).max()
 
 
 def test_other_types_go_through_gguf_reference():
