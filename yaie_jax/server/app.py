@@ -458,6 +458,34 @@ def create_app(async_engine: AsyncEngine, settings: Optional[ServerSettings] = N
                                   "bytes": list(token_text(t, l).encode("utf-8"))} for t, l in ranked]})
         return {"content": content}
 
+    # ------------------------------------------------------------------------------------ non-streamed
+    async def collect_outputs(request: Request, rid: str, endpoint: str, streams: List[RequestStream],
+                              trackers: List[_Tracker], n: int, arrival: float, client: Optional[str],
+                              input_param: str) -> Optional[Response]:
+        """Wait for every output of a non-streamed answer into `trackers` (stream i feeds trackers[i]); the
+        requests are aborted however it ends. Returns the 499 response when the client left, else None (the
+        trackers are finished). Engine failures become 503, an engine refusal a 400 naming `input_param`."""
+        async def collect():
+            try:
+                async for pi, out in merged(streams):
+                    observe(trackers[pi], out, time.monotonic(), False)
+            finally:
+                for s in streams:
+                    s.abort()
+
+        try:
+            await run_unless_disconnected(request, collect())
+        except ClientDisconnected:
+            finish_trackers(trackers, time.monotonic())
+            log_finished(rid, endpoint, trackers, n, False, arrival, client, status=499, aborted=True)
+            return Response(status_code=499)
+        except (EngineDeadError, EngineUnavailableError) as e:
+            raise unavailable(e) from None
+        except ValueError as e:      # the engine refused it after admission (split admission)
+            raise map_engine_value_error(e, input_param) from None
+        finish_trackers(trackers, time.monotonic())
+        return None
+
     # ------------------------------------------------------------------------------------ streaming
     def stream_response(rid: str, endpoint: str, streams: List[RequestStream], trackers: List[_Tracker], n: int,
                         arrival: float, client: Optional[str], *, envelope: dict, first_choices: List[dict],
@@ -629,25 +657,9 @@ def create_app(async_engine: AsyncEngine, settings: Optional[ServerSettings] = N
                 first_choices=echo_choices, choice_of=completion_choice, include_usage=body.include_usage,
                 continuous_usage=body.continuous_usage)
 
-        async def collect():
-            try:
-                async for pi, out in merged(streams):
-                    observe(trackers[pi], out, time.monotonic(), False)
-            finally:
-                for s in streams:
-                    s.abort()
-
-        try:
-            await run_unless_disconnected(request, collect())
-        except ClientDisconnected:
-            finish_trackers(trackers, time.monotonic())
-            log_finished(rid, "/v1/completions", trackers, n, False, arrival, client, status=499, aborted=True)
-            return Response(status_code=499)
-        except (EngineDeadError, EngineUnavailableError) as e:
-            raise unavailable(e) from None
-        except ValueError as e:      # the engine refused it after admission (split admission)
-            raise map_engine_value_error(e, "prompt") from None
-        finish_trackers(trackers, time.monotonic())
+        left = await collect_outputs(request, rid, "/v1/completions", streams, trackers, n, arrival, client, "prompt")
+        if left is not None:
+            return left
         choices = []
         for pi, tr in enumerate(trackers):
             out = tr.final or tr.last
@@ -711,26 +723,10 @@ def create_app(async_engine: AsyncEngine, settings: Optional[ServerSettings] = N
                 first_choices=role_choices, choice_of=chat_choice, include_usage=body.include_usage,
                 continuous_usage=body.continuous_usage, input_param="messages")
 
-        async def collect():
-            try:
-                async for _, out in merged(streams):
-                    observe(tr, out, time.monotonic(), False)
-            finally:
-                for s in streams:
-                    s.abort()
-
-        try:
-            await run_unless_disconnected(request, collect())
-        except ClientDisconnected:
-            finish_trackers(trackers, time.monotonic())
-            log_finished(rid, "/v1/chat/completions", trackers, n, False, arrival, client, status=499,
-                         aborted=True)
-            return Response(status_code=499)
-        except (EngineDeadError, EngineUnavailableError) as e:
-            raise unavailable(e) from None
-        except ValueError as e:
-            raise map_engine_value_error(e, "messages") from None
-        finish_trackers(trackers, time.monotonic())
+        left = await collect_outputs(request, rid, "/v1/chat/completions", streams, trackers, n, arrival, client,
+                                     "messages")
+        if left is not None:
+            return left
         out = tr.final or tr.last
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": chat_logprobs(c, 0, top_n) if body.logprobs else None,
