@@ -133,6 +133,27 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+def single_stream_runs(engine, prompt, params, repeats: int, tag: str = "single") -> List[Dict]:
+    """One untimed run, then `repeats` timed runs of one request on an idle LLMEngine (prefix cache reset after
+    each): [{"ttft_ms", "ms_per_token"}], ms per output token counted after the first token."""
+    import time
+    runs = []
+    for rep in range(repeats + 1):
+        t0 = time.perf_counter()
+        engine.add_request(f"{tag}{rep}", prompt, params)
+        t_first, n = None, 0
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                n = len(o.outputs[0].token_ids)
+                if t_first is None and n > 0:
+                    t_first = time.perf_counter()
+        t_end = time.perf_counter()
+        engine.block_manager.reset_prefix_cache()
+        if rep > 0:
+            runs.append({"ttft_ms": (t_first - t0) * 1e3, "ms_per_token": (t_end - t_first) * 1e3 / max(1, n - 1)})
+    return runs
+
+
 def bar_plot(path: str, labels: List[str], values: List[float], ylabel: str, title: str) -> None:
     """A labelled bar chart as PNG (skipped with a note where matplotlib is missing)."""
     try:

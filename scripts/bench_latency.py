@@ -28,22 +28,7 @@ def run_yaie(model_dir, prompt, max_new, args):
     print(f"engine start-up {startup_s:.1f} s")
     eng.wait_for_warmup()
     params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
-    results = []
-    for rep in range(args.repeats + 1):
-        t0 = time.perf_counter()
-        eng.add_request(f"r{rep}", prompt, params)
-        t_first = None
-        n = 0
-        while eng.has_unfinished_requests():
-            for o in eng.step():
-                n = len(o.outputs[0].token_ids)
-                if t_first is None and n > 0:
-                    t_first = time.perf_counter()
-        t_end = time.perf_counter()
-        eng.block_manager.reset_prefix_cache()
-        if rep > 0:  # first repeat is warm-up
-            results.append({"ttft_ms": (t_first - t0) * 1e3, "ms_per_token": (t_end - t_first) * 1e3 / (n - 1),
-                            "startup_s": startup_s})
+    results = [dict(r, startup_s=startup_s) for r in bc.single_stream_runs(eng, prompt, params, args.repeats)]
     if args.profile:
         import profile_summary
         trace_dir = os.path.join(args.out, "trace_W2")

@@ -110,24 +110,10 @@ def run_throughput(llm, prompts: List[List[int]], output_len: int) -> Dict:
 def run_single_stream(llm, prompt: List[int], num_tokens: int, repeats: int) -> Dict:
     """One untimed run, then `repeats` timed ones: median ms per output token after the first, and TTFT."""
     from yaie_jax import SamplingParams
-    eng = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=num_tokens, ignore_eos=True)
-    runs = []
-    for rep in range(repeats + 1):
-        t0 = time.perf_counter()
-        eng.add_request(f"single{rep}", prompt, params)
-        t_first, n = None, 0
-        while eng.has_unfinished_requests():
-            for o in eng.step():
-                n = len(o.outputs[0].token_ids)
-                if t_first is None and n > 0:
-                    t_first = time.perf_counter()
-        t_end = time.perf_counter()
-        eng.block_manager.reset_prefix_cache()
-        if rep > 0:
-            runs.append(((t_end - t_first) * 1e3 / max(1, n - 1), (t_first - t0) * 1e3))
-    return {"ms_per_token": statistics.median(r[0] for r in runs),
-            "single_ttft_ms": statistics.median(r[1] for r in runs)}
+    runs = bc.single_stream_runs(llm.engine, prompt, params, repeats)
+    return {"ms_per_token": statistics.median(r["ms_per_token"] for r in runs),
+            "single_ttft_ms": statistics.median(r["ttft_ms"] for r in runs)}
 
 
 def param_bytes_on_first_device(llm) -> int:
