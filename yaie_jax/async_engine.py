@@ -148,6 +148,7 @@ class AsyncEngine:
         self._streams: Dict[str, RequestStream] = {}          # engine thread only (len() read elsewhere)
         self._stream_loops: Dict[str, asyncio.AbstractEventLoop] = {}
         self._pending_adds = 0                                 # submitted, not yet seen by the engine thread
+        self._added_since_stats = 0                            # handed to the engine after the last snapshot
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
@@ -219,8 +220,11 @@ class AsyncEngine:
         return len(self._streams) + self._pending_adds
 
     def num_waiting_requests(self) -> int:
-        """The engine's waiting queue (latest snapshot) plus requests not yet handed to the engine."""
-        return int(self._stats.get("num_waiting", 0) or 0) + self._pending_adds
+        """The engine's waiting queue (latest snapshot), plus requests handed to the engine since that snapshot,
+        plus requests not yet handed to it. Never undercounts: a request leaves one term only as it enters the
+        next (it may be counted as waiting a little after it started running, until the next snapshot)."""
+        with self._lock:
+            return int(self._stats.get("num_waiting", 0) or 0) + self._added_since_stats + self._pending_adds
 
     async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams, *,
                           priority: int = 0, client_id: Optional[str] = None,
@@ -332,7 +336,10 @@ class AsyncEngine:
         if not force and now - self._stats_time < self._stats_interval_s:
             return
         try:
-            self._stats = dict(self.engine.get_stats())
+            stats = dict(self.engine.get_stats())
+            with self._lock:
+                self._stats = stats
+                self._added_since_stats = 0    # the snapshot (taken on this thread, after those adds) has them
         except Exception:  # stats are best effort; never kill the loop for them
             logger.exception("engine.get_stats() failed")
         self._stats_time = now
@@ -388,9 +395,9 @@ class AsyncEngine:
 
     def _handle(self, cmd: Any) -> None:
         if isinstance(cmd, _AddCommand):
-            with self._lock:
-                self._pending_adds -= 1
             if cmd.stream.finished:        # cancelled/aborted before it reached us: never add it
+                with self._lock:
+                    self._pending_adds -= 1
                 if cmd.accepted is not None:
                     _resolve(cmd.loop, cmd.accepted, None)
                 return
@@ -400,11 +407,16 @@ class AsyncEngine:
                 else:
                     self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, **cmd.kwargs)
             except Exception as e:  # ValueError = bad input; anything else is reported to that caller only
+                with self._lock:
+                    self._pending_adds -= 1
                 if cmd.accepted is not None:
                     _resolve(cmd.loop, cmd.accepted, e)
                 else:
                     _deliver(cmd.loop, [(cmd.stream.queue, _Sentinel("error", e))])
                 return
+            with self._lock:               # from "not handed over" to "in the engine, maybe not in the snapshot"
+                self._pending_adds -= 1
+                self._added_since_stats += 1
             self._streams[cmd.request_id] = cmd.stream
             self._stream_loops[cmd.request_id] = cmd.loop
             if cmd.accepted is not None:

@@ -149,3 +149,25 @@ def test_engine_calls_stay_on_one_thread():
         assert texts == [f"p{i}p{i}p" for i in range(8)]
     assert ae.is_running
     ae.stop()
+
+
+def test_queue_cap_counts_requests_handed_over_since_the_last_stats_snapshot():
+    """A request handed to the engine thread counts as waiting before any stats snapshot shows it, so a third
+    request is refused at a cap of 2 however stale the snapshot is (a snapshot interval of an hour here)."""
+    async def main():
+        eng = FakeEngine()
+        eng.paused = True                                 # nothing gets scheduled: requests stay waiting
+        ae = AsyncEngine(eng, max_waiting_requests=2, stats_interval_s=3600.0)
+        ae.start()
+        await ae.add_request("a", "hello", GREEDY)
+        await ae.add_request("b", "hello", GREEDY)
+        for _ in range(200):                              # until the engine thread has taken both
+            if len(eng.added_ids) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(eng.added_ids) == 2 and ae.num_waiting_requests() >= 2
+        with pytest.raises(EngineUnavailableError, match="overloaded"):
+            await ae.add_request("c", "hello", GREEDY)
+        eng.paused = False
+        await ae.shutdown(1.0)
+    run(main())
