@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import os
 import time
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence as Seq, Union
 
@@ -30,17 +31,69 @@ logger = logging.getLogger("yaie_jax.engine")
 PromptType = Union[str, List[int]]
 
 
+COMPILE_LOG_ENV = "YAIE_LOG_COMPILE_CACHE"
+
+
+class _MessageFilter(logging.Filter):
+    """Keeps the records of one logger whose message contains one of `needles` (case-insensitive)."""
+
+    def __init__(self, *needles: str):
+        super().__init__()
+        self.needles = tuple(n.lower() for n in needles)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        msg = record.getMessage().lower()
+        return any(n in msg for n in self.needles)  # warnings and errors always pass
+
+
+_compile_logging_done = False
+
+
+def setup_compile_logging(level: Optional[str] = None) -> None:
+    """With YAIE_LOG_COMPILE_CACHE=1 (or `level`), log through the `logging` handlers every XLA compile
+    (jax._src.dispatch "Finished XLA compilation of <name> in <s> sec") and, for each, whether JAX's persistent
+    cache had it (jax._src.compiler "Persistent compilation cache hit" / "PERSISTENT COMPILATION CACHE MISS",
+    and why a compiled program was not written: "Not writing persistent cache entry ..."). With 2, also the hash
+    of each cache-key component (jax._src.cache_key "get_cache_key hash of serialized <component>: <hash>", and
+    the XLA flags that enter the key), to tell which component differs between two processes on a miss
+    (`scripts/bench_startup.py` summarizes this). Messages are at DEBUG; only those loggers are lowered."""
+    global _compile_logging_done
+    level = os.environ.get(COMPILE_LOG_ENV, "") if level is None else str(level)
+    if level.strip().lower() in ("", "0", "false", "no", "off") or _compile_logging_done:
+        return
+    _compile_logging_done = True
+    wanted = {"jax._src.compiler": ("persistent compilation cache", "persistent cache entry"),
+              "jax._src.dispatch": ("finished xla compilation",),
+              "jax._src.compilation_cache": ("cache",)}
+    if level.strip() == "2":
+        wanted["jax._src.cache_key"] = ("get_cache_key hash of serialized", "xla flag in cache key")
+    for name, needles in wanted.items():
+        lg = logging.getLogger(name)
+        lg.setLevel(logging.DEBUG)
+        lg.addFilter(_MessageFilter(*needles))
+    logger.info("compile logging on (%s=%s): XLA compiles and persistent-cache hits/misses are logged",
+                COMPILE_LOG_ENV, level)
+
+
 def setup_compile_cache(cache_dir: Optional[str]) -> None:
-    """Turn on JAX's persistent compilation cache, so restarts skip XLA compiles."""
+    """Turn on JAX's persistent compilation cache, so restarts skip XLA compiles (see `setup_compile_logging`
+    to see which programs hit it)."""
+    setup_compile_logging()
     if not cache_dir:
         return
     import jax
     try:
         jax.config.update("jax_compilation_cache_dir", cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        # every program, however quick to compile: a small one compiled while serving (block copies, the first
+        # pipelined decode's token gather, the KV pool's zeros) costs ~0.05-0.3 s on a GPU, a cache read a few ms
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     except Exception as e:  # pragma: no cover - depends on the jax build
         logger.warning("persistent compilation cache not enabled: %s", e)
+        return
+    logger.info("persistent compilation cache: %s", cache_dir)
 
 
 def resolve_model_source(model: Optional[str]) -> str:

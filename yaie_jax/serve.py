@@ -19,6 +19,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from typing import Optional, Sequence
 
 from .settings import ConfigError, Settings, parse_args
@@ -35,6 +36,17 @@ def build_engine(settings: Settings, factory: Optional[str] = None):
         return fn(settings.engine)
     from .engine import LLMEngine
     return LLMEngine(settings.engine)
+
+
+def _log_engine_built(engine, seconds: float) -> None:
+    """One line on what building the engine cost: its step programs compiled before serving (trace+lower holds
+    the GIL; compile is near 0.1 s each when JAX's persistent cache has the program)."""
+    from .server.logging import fmt_age
+    runner = getattr(engine, "runner", None)
+    log = list(getattr(runner, "compile_log", None) or [])
+    logger.info("start-up: engine built in %.2f s, %s; %d step programs compiled so far: trace+lower %.2f s, "
+                "compile %.2f s (summed over threads)", seconds, fmt_age(), len(log),
+                sum(e[4] for e in log), sum(e[5] for e in log))
 
 
 def _make_server_class():
@@ -73,17 +85,22 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m yaie_ja
 
     srv = settings.server
     logging.basicConfig(level=getattr(logging, srv.log_level.upper(), logging.INFO) if srv.log_level != "trace"
-                        else logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        else logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s [%(threadName)s]: %(message)s")
+    # the web stack is imported before the engine is built: afterwards the engine's background compiles (tracing
+    # holds the GIL) would slow these imports down several times, between warm-up and serving
+    import uvicorn
+
+    from .async_engine import AsyncEngine
+    from .server.app import create_app
+    from .server.logging import fmt_age
+    logger.info("start-up: building the engine, %s (Python start-up, imports, configuration)", fmt_age())
+    t0 = time.monotonic()
     try:
         engine = build_engine(settings, getattr(ns, "engine_factory", None))
     except (ValueError, OSError) as e:
         print(f"error: cannot build the engine: {e}", file=sys.stderr)
         return 1
-
-    import uvicorn
-
-    from .async_engine import AsyncEngine
-    from .server.app import create_app
+    _log_engine_built(engine, time.monotonic() - t0)
 
     async_engine = AsyncEngine(engine, max_waiting_requests=srv.max_waiting_requests,
                                model_name=settings.engine.served_model_name)
@@ -93,6 +110,7 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m yaie_ja
                             lifespan="on")
     server = _make_server_class()(config)
     server.async_engine = async_engine
+    logger.info("start-up: app built, starting uvicorn, %s", fmt_age())
     print(json.dumps({"event": "listening", "url": f"http://{srv.host}:{srv.port}/v1",
                       "model": async_engine.model_name}), flush=True)
     server.run()

@@ -36,7 +36,7 @@ from ..async_engine import AsyncEngine, EngineDeadError, EngineUnavailableError,
 from ..outputs import CompletionOutput, RequestOutput
 from ..settings import ServerSettings
 from .auth import APIKeys, AuthRateLimitMiddleware, RateLimiter
-from .logging import RequestLog
+from .logging import RequestLog, fmt_age
 from .metrics import ServerMetrics
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                        parse_request)
@@ -216,10 +216,13 @@ def create_app(async_engine: AsyncEngine, settings: Optional[ServerSettings] = N
     keys = APIKeys(settings.api_keys)
     limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_burst)
 
+    first_answer = []         # set once the first request was answered (start-up log)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         if manage_engine:
             async_engine.start()
+        logger.info("start-up: app started, %s", fmt_age())
         try:
             yield
         finally:
@@ -409,6 +412,10 @@ def create_app(async_engine: AsyncEngine, settings: Optional[ServerSettings] = N
                 reasons.append(r or ("abort" if aborted else None))
         uniq = sorted(set(str(r) for r in reasons))
         ttfts = [tr.ttft for tr in trackers if tr.ttft is not None]
+        if status == 200 and not first_answer:
+            first_answer.append(True)
+            logger.info("start-up: first request answered, %s (its latency %.3f s)", fmt_age(),
+                        time.monotonic() - arrival)
         reqlog.finished(request_id=rid, model=model_name, endpoint=endpoint, prompt_tokens=u["prompt_tokens"],
                         completion_tokens=u["completion_tokens"],
                         cached_tokens=u["prompt_tokens_details"]["cached_tokens"],

@@ -11,7 +11,9 @@ Each app gets its own bound logger (no global structlog configuration), writing 
 """
 from __future__ import annotations
 
+import os
 import sys
+import time
 from typing import Any, Optional, TextIO
 
 import structlog
@@ -52,8 +54,27 @@ class RequestLog:
             pass
 
 
+def process_age_s() -> Optional[float]:
+    """Seconds since this process started (Linux /proc; None elsewhere): start-up logs measure from the launch,
+    Python's own start-up and imports included."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])   # field 22: starttime, in clock ticks
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def fmt_age(age: Optional[float] = None) -> str:
+    """"12.34 s after the process started" (or "at <monotonic>" where the process age is unknown)."""
+    age = process_age_s() if age is None else age
+    return f"{age:.2f} s after the process started" if age is not None else f"at monotonic {time.monotonic():.2f}"
+
+
 def _round(fields: dict) -> dict:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in fields.items()}
 
 
-__all__ = ["RequestLog", "make_request_logger"]
+__all__ = ["RequestLog", "make_request_logger", "process_age_s", "fmt_age"]
