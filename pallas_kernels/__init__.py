@@ -2,6 +2,8 @@
 
 Public API (the references in `pallas_kernels.reference` have the same signatures):
 - `paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=None, interpret=None)`: decode.
+- `cascade_paged_attention(q, k_pages, v_pages, block_tables, context_lens, cascade, ...)`: decode where groups
+  of sequences share a prefix of pages, read once per group (cascade attention).
 - `ragged_prefill_attention(q, k_pages, v_pages, query_start, context_lens, block_tables, *, scale=None,
   interpret=None)`: query chunks of many sequences back to back, causal, over their cached prefix too.
 - `write_kv(k_pages, v_pages, k, v, slot_mapping)`: put new K/V at their slots (in place under donation).
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 from . import reference
 from .reference import write_kv
 
-__all__ = ["paged_attention", "ragged_prefill_attention", "write_kv", "reference", "GPU_KERNELS_VALIDATED"]
+__all__ = ["paged_attention", "cascade_paged_attention", "ragged_prefill_attention", "write_kv", "reference", "GPU_KERNELS_VALIDATED"]
 
 # True: tests/gpu/test_kernels_gpu.py passed on the GPU (H100, jax 0.11.2, 2026-11-27) with this kernel code;
 # the engine's "auto" backend then picks these kernels there. Set False to force the XLA path.
@@ -63,6 +65,37 @@ def _decode_plan(num_seqs, num_kv_heads, max_blocks, block_size, num_splits=None
     return num_splits, tiles_per_split * P
 
 
+def _decode_stages(head_dim, stages):
+    # D=128: 2 stages (q 16 KB + ring 64 KB -> 2 programs per SM); 3 stages (112 KB) was 13-37% slower at
+    # batch >= 64 on the H200 (bench/notes_kernels.md, run 3). D=64: 4 stages (72 KB).
+    if stages is not None:
+        return stages
+    return 4 if head_dim <= 64 else 2
+
+
+def _split_partials(q_rows, k_pages, v_pages, block_tables, context_lens, *, sm_scale, num_splits, stages,
+                    interpret):
+    """Flash-decoding partials of R query rows per (sequence, KV head) that share one K/V stream.
+
+    q_rows [S, Hkv, R, D] (R <= 64); block_tables [S, MB]; context_lens [S]. Returns acc [S, Hkv, splits, R, D]
+    f32 (unnormalized), m [S, Hkv, splits, R] (log2 domain, -inf for an empty split), l [S, Hkv, splits, R]."""
+    from . import mosaic
+    S, Hkv, R, D = q_rows.shape
+    NB, BS = k_pages.shape[1:3]
+    Rp = _round_up(R, 8)
+    MB = block_tables.shape[1]
+    splits, pages_per_split = _decode_plan(S, Hkv, MB, BS, num_splits)
+    q_rows = q_rows.astype(k_pages.dtype)
+    if Rp != R:
+        q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, Rp - R), (0, 0)))
+    bt = jnp.clip(block_tables.astype(jnp.int32), 0, NB - 1)
+    bt = jnp.pad(bt, ((0, 0), (0, splits * pages_per_split - MB)))
+    acc, m, l = mosaic.decode_partials(q_rows, k_pages, v_pages, bt, context_lens.astype(jnp.int32),
+                                       sm_scale=sm_scale, num_splits=splits, pages_per_split=pages_per_split,
+                                       stages=_decode_stages(D, stages), interpret=interpret)
+    return acc[..., :R, :], m[..., :R], l[..., :R]
+
+
 def _paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=None, interpret=None,
                      num_splits=None, stages=None):
     """Decode attention over paged K/V. q [S, Hq, D] -> [S, Hq, D] in q.dtype (zeros where context_lens == 0).
@@ -72,27 +105,71 @@ def _paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=N
     from . import mosaic
     interpret = _resolve_interpret(interpret)
     S, Hq, D = q.shape
-    Hkv, NB, BS, _ = k_pages.shape
+    Hkv = k_pages.shape[0]
     if not interpret and not _kernel_supported(k_pages, Hq):
         return reference.paged_attention(q, k_pages, v_pages, block_tables, context_lens, scale=scale)
     G = Hq // Hkv
-    Gp = _round_up(G, 8)
     sm_scale = (1.0 / D ** 0.5) if scale is None else float(scale)
-    MB = block_tables.shape[1]
-    splits, pages_per_split = _decode_plan(S, Hkv, MB, BS, num_splits)
-    if stages is None:
-        # D=128: 2 stages (q 16 KB + ring 64 KB -> 2 programs per SM); 3 stages (112 KB) was 13-37% slower at
-        # batch >= 64 on the H200 (bench/notes_kernels.md, run 3). D=64: 4 stages (72 KB).
-        stages = 4 if D <= 64 else 2
-    qg = q.reshape(S, Hkv, G, D).astype(k_pages.dtype)
-    if Gp != G:
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
-    bt = jnp.clip(block_tables.astype(jnp.int32), 0, NB - 1)
-    bt = jnp.pad(bt, ((0, 0), (0, splits * pages_per_split - MB)))
     cl = context_lens.astype(jnp.int32)
-    acc, m, l = mosaic.decode_partials(qg, k_pages, v_pages, bt, cl, sm_scale=sm_scale, num_splits=splits,
-                                       pages_per_split=pages_per_split, stages=stages, interpret=interpret)
-    out = mosaic.combine_splits(acc[..., :G, :], m[..., :G], l[..., :G])          # [S, Hkv, G, D]
+    acc, m, l = _split_partials(q.reshape(S, Hkv, G, D), k_pages, v_pages, block_tables, cl, sm_scale=sm_scale,
+                                num_splits=num_splits, stages=stages, interpret=interpret)
+    out = mosaic.combine_splits(acc, m, l)                                        # [S, Hkv, G, D]
+    out = jnp.where((cl > 0)[:, None, None, None], out, 0.0)
+    return out.reshape(S, Hq, D).astype(q.dtype)
+
+
+CASCADE_KEYS = ("item_rows", "item_lens", "item_tables", "row_item", "row_slot")
+
+
+def _cascade_paged_attention(q, k_pages, v_pages, block_tables, context_lens, cascade, *, scale=None,
+                             interpret=None, num_splits=None, stages=None):
+    """Decode attention where groups of sequences share their first pages (a prefix held once in the pool):
+    each group's queries read the shared pages once, as the rows of one query tile, and each sequence reads
+    only its own pages after them; the two partial softmaxes are merged per row (cascade attention). Same result
+    as `paged_attention` over the full block tables, up to summation order.
+
+    cascade: dict of int32 arrays (`CASCADE_KEYS`), I items of up to M member rows each:
+      item_rows [I, M]   batch rows of each item's members (unused slots: any row; their results are dropped)
+      item_lens [I]      tokens of the item's shared prefix, a multiple of the block size (0 = unused item)
+      item_tables [I, MB] a block table whose first item_lens / block_size entries are the shared pages
+      row_item [S]       the item of each batch row, -1 = none;  row_slot [S]: the row's member slot in it
+    Contract: a row r of item i has block_tables[r, :item_lens[i] / BS] equal to item_tables[i, :...] and
+    context_lens[r] >= item_lens[i]; M * (num_q_heads / num_kv_heads) <= 64."""
+    from . import mosaic
+    interpret = _resolve_interpret(interpret)
+    S, Hq, D = q.shape
+    Hkv, NB, BS, _ = k_pages.shape
+    if not interpret and not _kernel_supported(k_pages, Hq):
+        return reference.paged_attention(q, k_pages, v_pages, block_tables, context_lens, scale=scale)
+    item_rows, item_lens, item_tables, row_item, row_slot = (cascade[k].astype(jnp.int32) for k in CASCADE_KEYS)
+    I, M = item_rows.shape
+    G = Hq // Hkv
+    assert M * G <= mosaic.TILE_M, (M, G)
+    sm_scale = (1.0 / D ** 0.5) if scale is None else float(scale)
+    cl = context_lens.astype(jnp.int32)
+    in_item = row_item >= 0                                                       # [S]
+    ri = jnp.clip(row_item, 0, I - 1)
+    rs = jnp.clip(row_slot, 0, M - 1)
+    prefix = jnp.where(in_item, item_lens[ri], 0)                                 # [S] tokens read by the item
+    # each row's own pages: its table shifted past the shared prefix
+    MB = block_tables.shape[1]
+    cols = jnp.clip(jnp.arange(MB, dtype=jnp.int32)[None, :] + (prefix // BS)[:, None], 0, MB - 1)
+    own_tables = jnp.take_along_axis(block_tables.astype(jnp.int32), cols, axis=1)   # [S, MB]
+    own_lens = jnp.where(cl > 0, jnp.maximum(cl - prefix, 0), 0)
+    qg = q.reshape(S, Hkv, G, D)
+    acc, m, l = _split_partials(qg, k_pages, v_pages, own_tables, own_lens, sm_scale=sm_scale,
+                                num_splits=num_splits, stages=stages, interpret=interpret)
+    # shared pages: item i's members x G query heads are the rows of one tile per KV head
+    q_items = jnp.transpose(qg[item_rows], (0, 2, 1, 3, 4)).reshape(I, Hkv, M * G, D)   # [I, Hkv, M*G, D]
+    acc_i, m_i, l_i = _split_partials(q_items, k_pages, v_pages, item_tables, item_lens, sm_scale=sm_scale,
+                                      num_splits=None, stages=stages, interpret=interpret)
+    acc_i, m_i, l_i = mosaic.merge_splits(acc_i, m_i, l_i)                       # [I, Hkv, M*G(, D)]
+    acc_r = acc_i.reshape(I, Hkv, M, G, D)[ri, :, rs]                             # [S, Hkv, G, D]
+    m_r = jnp.where(in_item[:, None, None], m_i.reshape(I, Hkv, M, G)[ri, :, rs], -jnp.inf)   # [S, Hkv, G]
+    l_r = jnp.where(in_item[:, None, None], l_i.reshape(I, Hkv, M, G)[ri, :, rs], 0.0)
+    out = mosaic.combine_splits(jnp.concatenate([acc, acc_r[:, :, None]], axis=2),
+                                jnp.concatenate([m, m_r[:, :, None]], axis=2),
+                                jnp.concatenate([l, l_r[:, :, None]], axis=2))   # [S, Hkv, G, D]
     out = jnp.where((cl > 0)[:, None, None, None], out, 0.0)
     return out.reshape(S, Hq, D).astype(q.dtype)
 
@@ -141,6 +218,7 @@ def _ragged_prefill_attention(q, k_pages, v_pages, query_start, context_lens, bl
 # called from every layer; XLA inlines it, so the compiled program is the same.
 _KERNEL_STATICS = ("scale", "interpret", "num_splits", "stages")
 _paged_attention_jit = jax.jit(_paged_attention, static_argnames=_KERNEL_STATICS)
+_cascade_paged_attention_jit = jax.jit(_cascade_paged_attention, static_argnames=_KERNEL_STATICS)
 _ragged_prefill_attention_jit = jax.jit(_ragged_prefill_attention, static_argnames=_KERNEL_STATICS[:2] + ("stages",))
 
 
@@ -153,6 +231,16 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=No
     interpret = _resolve_interpret(interpret)
     fn = _paged_attention_jit if isinstance(interpret, bool) else _paged_attention
     return fn(q, k_pages, v_pages, block_tables, context_lens, scale=scale, interpret=interpret,
+              num_splits=num_splits, stages=stages)
+
+
+def cascade_paged_attention(q, k_pages, v_pages, block_tables, context_lens, cascade, *, scale=None,
+                            interpret=None, num_splits=None, stages=None):
+    """`paged_attention` reading prefixes shared by groups of sequences once per group (see
+    `_cascade_paged_attention` for the `cascade` arrays and their contract)."""
+    interpret = _resolve_interpret(interpret)
+    fn = _cascade_paged_attention_jit if isinstance(interpret, bool) else _cascade_paged_attention
+    return fn(q, k_pages, v_pages, block_tables, context_lens, cascade, scale=scale, interpret=interpret,
               num_splits=num_splits, stages=stages)
 
 

@@ -216,13 +216,18 @@ def decode_partials(q_groups, k_pages, v_pages, block_tables, context_lens, *, s
     return f(q_groups, k_pages, v_pages, block_tables, context_lens)
 
 
+def merge_splits(acc, m, l):
+    """Merge flash-decoding splits into one unnormalized partial: acc [..., splits, G, D], m/l [..., splits, G]
+    -> (acc [..., G, D], m [..., G] (-inf where every split is empty), l [..., G]), all f32."""
+    m_max = jnp.max(m, axis=-2)                                              # [..., G]
+    m_safe = jnp.where(jnp.isfinite(m_max), m_max, 0.0)
+    w = jnp.where(jnp.isfinite(m), jnp.exp2(m - m_safe[..., None, :]), 0.0)  # [..., splits, G]
+    return jnp.sum(w[..., None] * acc, axis=-3), m_max, jnp.sum(w * l, axis=-2)
+
+
 def combine_splits(acc, m, l):
     """Merge flash-decoding splits: acc [..., splits, G, D], m/l [..., splits, G] -> [..., G, D] f32."""
-    m_max = jnp.max(m, axis=-2, keepdims=True)                               # [..., 1, G]
-    m_safe = jnp.where(jnp.isfinite(m_max), m_max, 0.0)
-    w = jnp.where(jnp.isfinite(m), jnp.exp2(m - m_safe), 0.0)                # [..., splits, G]
-    denom = jnp.sum(w * l, axis=-2)                                          # [..., G]
-    num = jnp.sum(w[..., None] * acc, axis=-3)                               # [..., G, D]
+    num, _, denom = merge_splits(acc, m, l)
     return num / jnp.where(denom > 0, denom, 1.0)[..., None]
 
 

@@ -73,6 +73,14 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
+def cascade_paged_attention(q, k_pages, v_pages, block_tables, context_lens, cascade, *, scale=None,
+                            interpret=None):
+    """Decode attention with cascade metadata (see pallas_kernels.cascade_paged_attention): the shared prefix
+    is part of every sequence's own block table, so the plain decode attention gives the same result."""
+    del cascade
+    return paged_attention(q, k_pages, v_pages, block_tables, context_lens, scale=scale, interpret=interpret)
+
+
 def ragged_prefill_attention(q, k_pages, v_pages, query_start, context_lens, block_tables, *, scale=None,
                              interpret=None, q_chunk=None, items_per_step=None):
     """Attention for query chunks of many sequences laid back to back.

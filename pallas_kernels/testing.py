@@ -74,3 +74,20 @@ def rel_err(out, ref):
     out = np.asarray(out, np.float64)
     ref = np.asarray(ref, np.float64)
     return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def shared_prefix_case(rng, groups, *, num_kv_heads=2, group=3, head_dim=64, block_size=16, dtype=np.float32,
+                       max_blocks=None, extra_blocks=3):
+    """A decode problem where sequences share leading pages. groups: list of (shared_pages, [context_lens of the
+    members]); every member of a group starts with the same `shared_pages` page ids (its first member's), then its
+    own pages. Returns (case, member rows of each group)."""
+    lens = [c for _, members in groups for c in members]
+    case = decode_case(rng, lens, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim,
+                       block_size=block_size, dtype=dtype, max_blocks=max_blocks, extra_blocks=extra_blocks)
+    rows, r = [], 0
+    for shared, members in groups:
+        assert shared == 0 or all(c > shared * block_size for c in members)
+        rows.append(list(range(r, r + len(members))))
+        case.block_tables[r + 1:r + len(members), :shared] = case.block_tables[r, :shared]
+        r += len(members)
+    return case, rows

@@ -16,26 +16,29 @@ from .parallel import AXIS, shard_map
 
 
 def kernel_functions(backend: str):
-    """(write_kv, paged_attention, ragged_prefill_attention) for a backend name ("xla" | "pallas")."""
+    """(write_kv, paged_attention, ragged_prefill_attention, cascade_paged_attention) for a backend name
+    ("xla" | "pallas"). The "xla" cascade is plain decode attention (the plan is only a saving)."""
     if backend == "xla":
         mod = importlib.import_module("pallas_kernels.reference")
     elif backend == "pallas":
         mod = importlib.import_module("pallas_kernels")
     else:
         raise ValueError(f"unknown attention backend {backend!r}")
-    return mod.write_kv, mod.paged_attention, mod.ragged_prefill_attention
+    return mod.write_kv, mod.paged_attention, mod.ragged_prefill_attention, mod.cascade_paged_attention
 
 
 def make_paged_attention(backend: str, *, decode: bool, slot_mapping, query_start, context_lens, block_tables,
-                         mesh=None):
+                         mesh=None, cascade=None):
     """The attention callable of one step (models/base.py contract). With a TP `mesh` the KV pool stays split by
     KV head (parallel.py): the K/V writes run per shard for either backend, and so do the "pallas" kernels
-    (`_per_shard`); the "xla" attention is left to XLA's partitioner."""
-    write_kv, paged_attention, ragged_prefill_attention = kernel_functions(backend)
+    (`_per_shard`); the "xla" attention is left to XLA's partitioner. `cascade`: a decode step's cascade plan
+    (yaie_jax/cascade.py; arrays), or None for plain paged decode attention."""
+    write_kv, paged_attention, ragged_prefill_attention, cascade_attention = kernel_functions(backend)
     if mesh is not None:
         write_kv = _write_kv_per_shard(mesh, write_kv)
     if mesh is not None and backend == "pallas":
-        paged_attention, ragged_prefill_attention = _per_shard(mesh, paged_attention, ragged_prefill_attention)
+        paged_attention, ragged_prefill_attention, cascade_attention = _per_shard(
+            mesh, paged_attention, ragged_prefill_attention, cascade_attention)
 
     def attention(layer_idx, q, k, v, kv_cache):
         # q [T, num_heads, head_dim]; k, v [T, num_kv_heads, head_dim]; pages [num_kv_heads, blocks, bs, head_dim]
@@ -45,7 +48,9 @@ def make_paged_attention(backend: str, *, decode: bool, slot_mapping, query_star
             pool = NamedSharding(mesh, P(AXIS, None, None, None))
             k_pages = jax.lax.with_sharding_constraint(k_pages, pool)
             v_pages = jax.lax.with_sharding_constraint(v_pages, pool)
-        if decode:
+        if decode and cascade is not None:
+            out = cascade_attention(q, k_pages, v_pages, block_tables, context_lens, cascade)
+        elif decode:
             out = paged_attention(q, k_pages, v_pages, block_tables, context_lens)
         else:
             out = ragged_prefill_attention(q, k_pages, v_pages, query_start, context_lens, block_tables)
@@ -67,7 +72,7 @@ def _write_kv_per_shard(mesh, write_kv):
     return write
 
 
-def _per_shard(mesh, paged_attention, ragged_prefill_attention):
+def _per_shard(mesh, paged_attention, ragged_prefill_attention, cascade_attention):
     """The Pallas kernels run per TP shard under shard_map: shard i gets query heads [i*Hq/N, (i+1)*Hq/N) and KV
     heads [i*Hkv/N, (i+1)*Hkv/N) -- the same query-to-KV grouping as unsharded, since N divides both counts --
     and the replicated tables; its output is its own heads' slice. No communication inside attention."""
@@ -75,7 +80,7 @@ def _per_shard(mesh, paged_attention, ragged_prefill_attention):
         _interpret_per_device_barrier_check()
     heads = P(None, AXIS, None)              # q / out [T, Hq, D] split by head
     pool = P(AXIS, None, None, None)         # pages [Hkv, blocks, bs, D] split by KV head
-    rep = P()                                # block tables, context lengths, query starts: whole on every shard
+    rep = P()                                # block tables, context lengths, query starts, cascade plans: whole
 
     def decode(q, kp, vp, bt, cl):
         return shard_map(paged_attention, mesh=mesh, in_specs=(heads, pool, pool, rep, rep),
@@ -85,7 +90,11 @@ def _per_shard(mesh, paged_attention, ragged_prefill_attention):
         return shard_map(ragged_prefill_attention, mesh=mesh, in_specs=(heads, pool, pool, rep, rep, rep),
                          out_specs=heads)(q, kp, vp, qs, cl, bt)
 
-    return decode, prefill
+    def cascade(q, kp, vp, bt, cl, plan):
+        return shard_map(cascade_attention, mesh=mesh, in_specs=(heads, pool, pool, rep, rep, rep),
+                         out_specs=heads)(q, kp, vp, bt, cl, plan)
+
+    return decode, prefill, cascade
 
 
 _INTERPRET_CHECK_PATCHED = False

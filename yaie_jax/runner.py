@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import sampling
 from .attention import make_paged_attention
+from .cascade import empty_plan, plan_cascade
 from .config import EngineConfig
 from .models.base import CausalLM
 from .scheduler import SchedulerOutput
@@ -35,6 +36,10 @@ from .scheduler import SchedulerOutput
 logger = logging.getLogger("yaie_jax.runner")
 
 JNP_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+
+CASCADE_MIN_ROWS = 16        # smaller decode buckets never carry a cascade plan (one program variant fewer)
+CASCADE_MIN_PREFIX_TOKENS = 64   # a shared prefix shorter than one 64-key tile is not worth a second kernel
 
 
 def next_power_of(x: int, base: int, lo: int) -> int:
@@ -106,7 +111,16 @@ class ModelRunner:
         self._ready: set = set()            # (kind, S or T) bucket programs compiled by warm-up
         self._warm_started = False
         self._warm_thread: Optional[threading.Thread] = None
+        self._requested: set = set()        # shapes handed to `_compile_later`
+        self._later_threads: List[threading.Thread] = []
         self._last_step_t = 0.0             # monotonic time of the last step dispatched (background compiles wait)
+        # Cascade attention (yaie_jax/cascade.py) for decode buckets of >= CASCADE_MIN_ROWS rows: items of up to
+        # 64 // G member rows (one 64-row query tile per KV head), at most max(2, S // 8) items per call.
+        group = max(1, self.mc.num_heads // self.mc.num_kv_heads)
+        self.cascade_enabled = (config.cascade_attention and self.attention_backend == "pallas"
+                                and group <= 32)
+        self.cascade_members = max(2, 64 // group)
+        self.num_cascade_calls = 0          # decode calls that carried a cascade plan
 
     # ------------------------------------------------------------------ memory
     def kv_bytes_per_block(self) -> int:
@@ -152,7 +166,7 @@ class ModelRunner:
         attention = make_paged_attention(
             self.attention_backend, decode=decode, slot_mapping=batch["slot_mapping"],
             query_start=batch["query_start"], context_lens=batch["context_lens"],
-            block_tables=batch["block_tables"], mesh=self.mesh)
+            block_tables=batch["block_tables"], mesh=self.mesh, cascade=batch.get("cascade"))
         hidden, kv_caches = self.model.apply_hidden(params, batch["input_ids"], batch["positions"],
                                                     attention, kv_caches)
         rows = hidden[batch["logits_index"]]                       # [S, hidden]
@@ -162,7 +176,8 @@ class ModelRunner:
 
     def _multi_step_impl(self, params, kv_caches, batch, sbatch, *, flags, num_steps: int):
         """`num_steps` decode steps in one device call: each step's sampled tokens are the next step's inputs.
-        batch: input_ids/positions/context_lens [S] for the first step, slots [num_steps, S], block_tables.
+        batch: input_ids/positions/context_lens [S] for the first step, slots [num_steps, S], block_tables,
+        optionally a cascade plan (the shared prefixes stay the same over the call's steps).
         sbatch: the sampling batch of every step stacked on a leading [num_steps] axis.
         Returns SampleResult fields stacked on a leading [num_steps] axis."""
         S = batch["input_ids"].shape[0]
@@ -174,7 +189,7 @@ class ModelRunner:
                 self.attention_backend, decode=True, slot_mapping=batch["slots"][j],
                 query_start=jnp.arange(S + 1, dtype=jnp.int32),
                 context_lens=jnp.where(live, batch["context_lens"] + j, 0),
-                block_tables=batch["block_tables"], mesh=self.mesh)
+                block_tables=batch["block_tables"], mesh=self.mesh, cascade=batch.get("cascade"))
             hidden, kv = self.model.apply_hidden(params, tokens, batch["positions"] + j, attention, kv)
             logits = self.model.apply_logits(params, hidden)               # [S, vocab] float32
             step_batch = jax.tree_util.tree_map(lambda a: a[j], sbatch)     # this step's rows (keys, ...)
@@ -260,7 +275,49 @@ class ModelRunner:
         batch = dict(input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
                      query_start=query_start, context_lens=context_lens, block_tables=block_tables,
                      logits_index=logits_index)
+        if decode:
+            plan = self.cascade_plan("multi" if out.num_steps > 1 else "decode", block_tables, context_lens,
+                                     num_seqs)
+            if plan is not None:
+                batch["cascade"] = plan
+                self.num_cascade_calls += 1
         return batch, decode, S
+
+    def _cascade_items(self, S: int) -> int:
+        return max(2, S // 8)
+
+    def cascade_plan(self, kind: str, block_tables: np.ndarray, context_lens: np.ndarray, num_seqs: int):
+        """The cascade plan of a decode batch (yaie_jax/cascade.py), or None: cascade off, a bucket below
+        CASCADE_MIN_ROWS, no rows sharing a prefix of >= CASCADE_MIN_PREFIX_TOKENS, or (while warm-up compiles in
+        the background) the bucket's cascade program not compiled yet -- plain decode attention gives the same
+        result, only reading the shared pages once per row."""
+        S = block_tables.shape[0]
+        if not self.cascade_enabled or S < CASCADE_MIN_ROWS:
+            return None
+        plan = plan_cascade(block_tables, context_lens, block_size=self.block_size,
+                            max_items=self._cascade_items(S), members_per_item=self.cascade_members,
+                            min_prefix_blocks=max(1, CASCADE_MIN_PREFIX_TOKENS // self.block_size))
+        variant = (kind + "+cascade", S)
+        if plan is not None and self._warm_started and variant not in self._ready:
+            # the first batch that would use it: compile it now, and the batch's own bucket's too (this one may
+            # be padded to a larger bucket while its own still compiles)
+            own = next_power_of(num_seqs, 2, self.seq_buckets_decode[0])
+            for rows in dict.fromkeys((S, own)):
+                self._compile_later((variant[0], rows, rows))
+            return None
+        return plan
+
+    def _compile_later(self, shape) -> None:
+        """Compile one more bucket program in the background (once), after start-up warm-up: programs that only
+        some workloads need (the cascade variants) are not compiled before serving."""
+        with self._compile_lock:
+            if shape in self._requested:
+                return
+            self._requested.add(shape)
+        thread = threading.Thread(target=self._compile_when_idle, args=(shape,), name="yaie-compile-later",
+                                  daemon=True)
+        self._later_threads.append(thread)
+        thread.start()
 
     def execute(self, out: SchedulerOutput, sampling_batch, flags) -> sampling.SampleResult:
         """Run the swaps and copies the scheduler asked for, then the step; returns host sample results."""
@@ -289,6 +346,8 @@ class ModelRunner:
             slots[:, i] = sch.slots
         mbatch = dict(input_ids=batch["input_ids"], positions=batch["positions"],
                       context_lens=batch["context_lens"], block_tables=batch["block_tables"], slots=slots)
+        if "cascade" in batch:
+            mbatch["cascade"] = batch["cascade"]
         if prev_tokens is not None:
             prev_ids, prev_row = prev_tokens
             rows = np.zeros(S, np.int32)                           # [S] row of each sequence in the previous call
@@ -390,7 +449,9 @@ class ModelRunner:
         return list(dict.fromkeys(first))
 
     def _dummy_inputs(self, kind: str, T: int, S: int):
-        """All-padding inputs of one bucket: slots -1 (nothing written), context 0 (nothing read)."""
+        """All-padding inputs of one bucket: slots -1 (nothing written), context 0 (nothing read). kind
+        "decode+cascade" / "multi+cascade": with an empty cascade plan."""
+        kind, _, variant = kind.partition("+")
         batch = dict(input_ids=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
                      slot_mapping=np.full(T, -1, np.int32), query_start=np.zeros(S + 1, np.int32),
                      context_lens=np.zeros(S, np.int32),
@@ -403,12 +464,15 @@ class ModelRunner:
             batch = dict(input_ids=batch["input_ids"], positions=batch["positions"],
                          context_lens=batch["context_lens"], block_tables=batch["block_tables"],
                          slots=np.full((K, S), -1, np.int32))
+        if variant == "cascade":
+            batch["cascade"] = empty_plan(S, self.max_blocks_per_seq, max_items=self._cascade_items(S),
+                                          members_per_item=self.cascade_members)
         return batch, sbatch, flags, K
 
     def _compile_shape(self, shape) -> None:
         kind, T, S = shape
         batch, sbatch, flags, K = self._dummy_inputs(kind, T, S)
-        self.compiled(kind, batch, sbatch, flags, K)
+        self.compiled(kind.partition("+")[0], batch, sbatch, flags, K)
         with self._compile_lock:
             self._ready.add((kind, T if kind == "prefill" else S))
 
@@ -451,6 +515,8 @@ class ModelRunner:
         """Block until background bucket compilation (if any) has finished."""
         if self._warm_thread is not None:
             self._warm_thread.join()
+        for thread in list(self._later_threads):
+            thread.join()
 
 
 def _copy_blocks(kv_caches, src, dst):

@@ -145,7 +145,8 @@ SERVER_FIELDS = ServerSettings.field_names()
 _SECTION_KEYS: Dict[str, Dict[str, Optional[str]]] = {
     "model": {"name": "model", "model": "model", "dtype": "dtype", "tensor_parallel_size": "tensor_parallel_size",
               "tokenizer": "tokenizer", "max_model_len": "max_model_len",
-              "served_model_name": "served_model_name", "attention_backend": "attention_backend"},
+              "served_model_name": "served_model_name", "attention_backend": "attention_backend",
+              "cascade_attention": "cascade_attention"},
     "scheduler": {"max_batch_size": "max_num_seqs", "max_decode_batch_size": "max_num_seqs",
                   "max_prefill_batch_size": None, "max_num_seqs": "max_num_seqs",
                   "max_num_batched_tokens": "max_num_batched_tokens", "policy": "scheduling_policy",

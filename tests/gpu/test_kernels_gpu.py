@@ -84,3 +84,30 @@ def test_fp32_pools_fall_back_to_reference():
     out = pk.paged_attention(q, k, v, bt, cl, interpret=False)
     want = ref.paged_attention(q, k, v, bt, cl)
     assert rel_err(out, want) < 1e-5
+
+
+CASCADE = [
+    # (groups [(shared pages, member contexts)], Hkv, G, D, BS, members per item)
+    ([(32, [600, 513, 700, 640] * 8), (8, [200, 300]), (0, [50, 0, 900])], 12, 1, 64, 16, 64),
+    ([(20, [400, 321, 999] * 5), (2, [40, 33])], 2, 4, 128, 16, 16),
+    ([(6, [300, 200, 193, 1000])], 3, 3, 64, 32, 21),
+]
+
+
+@pytest.mark.parametrize("groups,hkv,g,d,bs,m", CASCADE)
+def test_cascade_matches_plain_decode(groups, hkv, g, d, bs, m):
+    from pallas_kernels.testing import shared_prefix_case
+    from yaie_jax.cascade import plan_cascade
+    rng = np.random.default_rng()
+    case, _ = shared_prefix_case(rng, groups, num_kv_heads=hkv, group=g, head_dim=d, block_size=bs, dtype=BF16)
+    plan = plan_cascade(case.block_tables, case.context_lens, block_size=bs, max_items=8, members_per_item=m,
+                        min_prefix_blocks=2)
+    assert plan is not None
+    plan = {k: jnp.asarray(a) for k, a in plan.items()}
+    q, k, v, bt, cl = _dev(case)
+    out = jax.jit(functools.partial(pk.cascade_paged_attention, interpret=False))(q, k, v, bt, cl, plan)
+    want = jax.jit(ref.paged_attention)(q, k, v, bt, cl)
+    out, want = np.asarray(out.astype(jnp.float32)), np.asarray(want.astype(jnp.float32))
+    assert np.isfinite(out).all()
+    assert np.all(out[np.asarray(cl) == 0] == 0)
+    assert rel_err(out, want) < TOL, rel_err(out, want)
