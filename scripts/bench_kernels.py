@@ -1,7 +1,8 @@
 """Benchmark the Pallas paged-attention kernels against the XLA reference path on the current device.
 
 Prints a table and writes JSON (device, JAX version, date, measured copy bandwidth, every row) to --out.
-Decode: batch {1, 8, 64, 256} x context {128, 1024, 4096}; prefill: {512, 4096} new tokens. Times are medians
+Decode: batch {1, 8, 64, 256} x context {128, 1024, 4096}; prefill: {512, 4096} new tokens; with --cascade,
+decode where groups of rows share a prefix (cascade kernel vs plain paged decode, the table's "xla_us" column). Times are medians
 of device-synchronized repeats of a jitted loop that calls the op `--reps` times back to back (each call's q
 depends on the previous output through a 0-weighted term, so nothing is hoisted and launch gaps stay small),
 divided by reps. GB/s counts the bytes a call must move: the K/V of every context token read once, q read and
@@ -132,6 +133,9 @@ def main():
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--no-ref", action="store_true", help="skip the XLA reference timings")
     ap.add_argument("--tune", action="store_true", help="also sweep stages / splits at a few decode shapes")
+    ap.add_argument("--cascade", action="store_true",
+                    help="also time cascade decode (shared prefixes) against plain paged decode")
+    ap.add_argument("--cascade-only", action="store_true", help="only the cascade rows")
     ap.add_argument("--tag", default="", help="suffix for the JSON file name")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (checks the script on CPU)")
     args = ap.parse_args()
@@ -152,7 +156,7 @@ def main():
         batches, ctxs, interpret = [1, 2], [64, 128], True
         Hq, Hkv, D = 4, 2, 64
     max_tokens = max(batches) * max(ctxs)
-    NB = max_tokens // BS + 8
+    NB = max(max_tokens, 256 * 1280) // BS + 8       # room for the cascade rows too
     key = jax.random.key(0)
     k_pages, v_pages = make_pool(key, Hkv, NB, BS, D, dt)
     rng = np.random.default_rng(0)
@@ -211,11 +215,51 @@ def main():
                 row.update(ref_error=f"{type(e).__name__}: {str(e)[:200]}")
         return row
 
+    def cascade_row(S, groups, prefix, own_max):
+        """Decode where `groups` equal groups of the S rows share a `prefix`-token page run (issue 10's W4 shape),
+        each row with 1..own_max tokens of its own: the cascade kernel vs plain paged decode on the same tables."""
+        from yaie_jax.cascade import plan_cascade
+        own = rng.integers(1, own_max + 1, size=S)
+        cl_np = (prefix + own).astype(np.int32)
+        MB = -(-int(cl_np.max()) // BS)
+        bt_np = rng.permutation(NB)[:S * MB].reshape(S, MB).astype(np.int32)
+        per = S // groups
+        for g in range(groups):
+            bt_np[g * per + 1:(g + 1) * per, :prefix // BS] = bt_np[g * per, :prefix // BS]
+        plan = plan_cascade(bt_np, cl_np, block_size=BS, max_items=max(2, S // 8),
+                            members_per_item=max(2, 64 // (Hq // Hkv)), min_prefix_blocks=max(1, 64 // BS))
+        plan = {k: jnp.asarray(v) for k, v in plan.items()}
+        bt, cl = jnp.asarray(bt_np), jnp.asarray(cl_np)
+        q = jax.random.normal(jax.random.fold_in(key, S + prefix), (S, Hq, D), jnp.float32).astype(dt)
+        fc = functools.partial(pk.cascade_paged_attention, interpret=interpret)
+        fp = functools.partial(pk.paged_attention, interpret=interpret)
+        err = float(jnp.linalg.norm((fc(q, k_pages, v_pages, bt, cl, plan) - fp(q, k_pages, v_pages, bt, cl))
+                                    .astype(jnp.float32)) / jnp.linalg.norm(fp(q, k_pages, v_pages, bt, cl)
+                                                                            .astype(jnp.float32)))
+        t, tmin, tmax = timed_loop(lambda q_, k_, v_: fc(q_, k_, v_, bt, cl, plan), (q, k_pages, v_pages),
+                                   args.reps, args.repeats)
+        tp, _, _ = timed_loop(lambda q_, k_, v_: fp(q_, k_, v_, bt, cl), (q, k_pages, v_pages),
+                              args.reps, args.repeats)
+        nbytes = int(cl_np.sum()) * Hkv * D * isz * 2 + 2 * S * Hq * D * isz     # what plain decode must read
+        return dict(kind="cascade", batch=S, groups=groups, prefix=prefix, own_max=own_max, num_q_heads=Hq,
+                    num_kv_heads=Hkv, head_dim=D, block_size=BS, dtype="bfloat16", time_us=t * 1e6,
+                    time_min_us=tmin * 1e6, time_max_us=tmax * 1e6, plain_time_us=tp * 1e6, speedup=tp / t,
+                    rel_err_vs_plain=err, bytes=nbytes, gbps=nbytes / t / 1e9, frac_copy_bw=nbytes / t / bw)
+
     plan = [("decode", dict(S=S, ctx=c)) for S in batches for c in ctxs]
-    plan += [("prefill", dict(T=512)), ("prefill", dict(T=4096)), ("prefill", dict(T=4096, n_seqs=8)),
-             ("prefill", dict(T=512, prefix=3584))]
+    if args.cascade_only:
+        plan = []
+    if args.cascade or args.cascade_only:
+        plan += [("cascade", dict(S=256, groups=8, prefix=512, own_max=192)),
+                 ("cascade", dict(S=64, groups=2, prefix=1024, own_max=256))]
+    if not args.cascade_only:
+        plan += [("prefill", dict(T=512)), ("prefill", dict(T=4096)), ("prefill", dict(T=4096, n_seqs=8)),
+                 ("prefill", dict(T=512, prefix=3584))]
     if args.smoke:
-        plan = [p for p in plan if p[0] == "decode"] + [("prefill", dict(T=64)), ("prefill", dict(T=32, n_seqs=2, prefix=16))]
+        plan = [p for p in plan if p[0] == "decode"] + ([] if args.cascade_only else [
+            ("prefill", dict(T=64)), ("prefill", dict(T=32, n_seqs=2, prefix=16))])
+        if args.cascade or args.cascade_only:
+            plan.append(("cascade", dict(S=16, groups=2, prefix=64, own_max=32)))
     if args.tune:
         for S, c in [(64, 1024), (256, 1024), (8, 4096), (64, 4096)]:
             for st in (2, 3, 4):
@@ -228,7 +272,7 @@ def main():
             print(f"budget reached, skipping {kind} {kw}", flush=True)
             continue
         try:
-            row = decode_row(**kw) if kind == "decode" else prefill_row(**kw)
+            row = {"decode": decode_row, "prefill": prefill_row, "cascade": cascade_row}[kind](**kw)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             row = dict(kind=kind, error=f"{type(e).__name__}: {str(e)[:2000]}", **kw)
@@ -244,7 +288,10 @@ def main():
         if "error" in r:
             print(f"{r['kind']:8s} ERROR {r['error'][:100]}")
             continue
-        if r["kind"] == "decode":
+        if r["kind"] == "cascade":
+            shape = f"b={r['batch']} {r['groups']}x{r['prefix']}+<={r['own_max']}"
+            r = dict(r, ref_time_us=r["plain_time_us"])           # the "xla_us" column: plain Pallas decode here
+        elif r["kind"] == "decode":
             extra = "".join(f" {k}={r[k]}" for k in ("stages", "num_splits") if k in r)
             shape = f"b={r['batch']} ctx={r['context']}{extra}"
         else:

@@ -2,7 +2,7 @@
 
     python scripts/bench_throughput.py --workload W1 --backend yaie
     python scripts/bench_throughput.py --workload W1 --backend hf
-    python scripts/bench_throughput.py --workload W4 --backend yaie   # prefix cache on and off
+    python scripts/bench_throughput.py --workload W4 --backend yaie   # prefix cache on (cascade on/off) and off
 
 Random weights, bf16, EOS ignored. Prints a table; writes JSON (device, JAX version, date, config) and a PNG.
 """
@@ -23,11 +23,13 @@ def model_dir_for(workload: str, root: str) -> str:
     return bc.gpt2_124m_dir(os.path.join(root, "gpt2_124m"))
 
 
-def run_yaie(model_dir: str, prompts, max_new, args, enable_prefix_caching: bool = True) -> dict:
+def run_yaie(model_dir: str, prompts, max_new, args, enable_prefix_caching: bool = True,
+             cascade_attention: bool = True) -> dict:
     from yaie_jax import LLM, SamplingParams
     t0 = time.perf_counter()
     llm = LLM(model_dir, dtype="bfloat16", max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+              cascade_attention=cascade_attention and not args.no_cascade,
               attention_backend=args.attention_backend, num_decode_steps=args.num_decode_steps,
               max_model_len=args.max_model_len, warmup=not args.no_warmup,
               gpu_memory_utilization=args.gpu_memory_utilization)
@@ -41,6 +43,7 @@ def run_yaie(model_dir: str, prompts, max_new, args, enable_prefix_caching: bool
     llm.engine.block_manager.reset_prefix_cache()
     host0 = dict(llm.engine.host_time_s)
     steps0 = llm.get_stats()["num_steps"]
+    cascade0 = llm.engine.runner.num_cascade_calls
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=True)
     elapsed = time.perf_counter() - t0
@@ -52,6 +55,7 @@ def run_yaie(model_dir: str, prompts, max_new, args, enable_prefix_caching: bool
            "prefix_cache_hit_tokens": stats.get("prefix_cache_hit_tokens"),
            "num_preemptions": stats.get("num_preemptions"), "num_device_calls": stats["num_steps"] - steps0,
            "num_pipelined_calls": stats.get("num_pipelined_calls"),
+           "num_cascade_calls": llm.engine.runner.num_cascade_calls - cascade0,
            # host seconds per engine phase in the timed pass; wait_device ~ time the host had nothing to do
            "host_time_s": {k: v - host0.get(k, 0.0) for k, v in stats["host_time_s"].items()}}
     if args.profile_prompts:
@@ -137,6 +141,7 @@ def main() -> None:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--no-cascade", action="store_true", help="plain paged decode even where prefixes are shared")
     ap.add_argument("--hf-attn", default="paged|sdpa")
     ap.add_argument("--profile-prompts", type=int, default=0,
                     help="after the timed pass, run the first N prompts again under jax.profiler and summarize")
@@ -150,12 +155,17 @@ def main() -> None:
     if args.backend == "hf":
         rows.append({"backend": "hf", **run_hf(model_dir, prompts, max_new, args)})
     elif args.workload == "W4":
-        for on in (True, False):
-            rows.append({"backend": f"yaie prefix_cache={'on' if on else 'off'}",
-                         **run_yaie(model_dir, prompts, max_new, args, enable_prefix_caching=on)})
+        # prefix cache on (with cascade decode attention, then without it, to attribute the gain), then off
+        for on, cascade in ((True, True), (True, False), (False, False)):
+            if cascade and args.no_cascade:
+                continue
+            name = f"yaie prefix_cache={'on' if on else 'off'}" + (" cascade=off" if on and not cascade else "")
+            rows.append({"backend": name, **run_yaie(model_dir, prompts, max_new, args, enable_prefix_caching=on,
+                                                     cascade_attention=cascade)})
     else:
         rows.append({"backend": "yaie", **run_yaie(model_dir, prompts, max_new, args)})
-    bc.print_table(rows, ["backend", "output_tok_s", "elapsed_s", "output_tokens", "mean_ttft_s", "startup_s"])
+    bc.print_table(rows, ["backend", "output_tok_s", "elapsed_s", "output_tokens", "mean_ttft_s", "startup_s",
+                          "num_device_calls", "num_cascade_calls"])
     record = {"workload": args.workload, "config": vars(args), "env": bc.environment(), "results": rows}
     path = bc.write_result(args.out, f"throughput_{args.workload}_{args.backend}", record)
     print("wrote", path)

@@ -3,6 +3,7 @@
 #   bash scripts/gpu/perf_stage.sh A   # W1 yaie (+ profile) and HF (same call), W2 yaie (+ profile) and HF
 #   bash scripts/gpu/perf_stage.sh B   # start-up cold/warm through the server, W3 serving, W4 prefix on/off
 #   bash scripts/gpu/perf_stage.sh C   # W6 yaie and HF
+#   bash scripts/gpu/perf_stage.sh K   # GPU kernel tests (cascade included), cascade kernel timings, W4
 #   bash scripts/gpu/perf_stage.sh TP  # issue 8: GPT-2 large at TP sizes $TP_SIZES (2-4 GPU machine)
 set -x
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -35,6 +36,15 @@ B)
 C)
   run w6_yaie 150 python3 scripts/bench_throughput.py --workload W6 --backend yaie --max-model-len 2048 --out $OUT
   run w6_hf 200 python3 scripts/bench_throughput.py --workload W6 --backend hf --out $OUT
+  ;;
+K)
+  run gpu_tests 240 python3 -m pytest tests/gpu -q -x -p no:cacheprovider
+  run cascade_kernels 150 python3 scripts/bench_kernels.py --cascade-only --num-q-heads 12 --num-kv-heads 12 \
+      --head-dim 64 --tag cascade_gpt2 --out $OUT
+  run w4 240 python3 scripts/bench_throughput.py --workload W4 --backend yaie --out $OUT
+  ;;
+W4)
+  run w4 400 python3 scripts/bench_throughput.py --workload W4 --backend yaie --profile-prompts 256 --out $OUT
   ;;
 TP)
   run tp 560 python3 scripts/bench_tp.py --tp ${TP_SIZES:-1,2} --head ${TP_HEADS:-replicated,vocab} --out $OUT
