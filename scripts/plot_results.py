@@ -39,8 +39,11 @@ def main() -> None:
     if os.path.exists(p("throughput_W4_yaie")):
         w = load(p("throughput_W4_yaie"))
         rows = w["results"]
-        bc.bar_plot(os.path.join(args.dir, f"W4{args.suffix}.png"), [r["backend"] for r in rows],
-                    [r["output_tok_s"] for r in rows], "output tokens / s", "W4 shared prefix (8 groups x 32 requests): prefix cache on vs off, NVIDIA H200")
+        bc.bar_plot(os.path.join(args.dir, f"W4{args.suffix}.png"), [r["backend"].replace("yaie prefix_cache=", "cache ")
+                                                                    .replace(" cascade=off", "\nno cascade")
+                                                                    for r in rows],
+                    [r["output_tok_s"] for r in rows], "output tokens / s",
+                    "W4 shared prefix (8 groups x 32 requests): prefix cache on vs off, NVIDIA H200")
 
 
 if __name__ == "__main__":

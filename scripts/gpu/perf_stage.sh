@@ -46,6 +46,16 @@ K)
 W4)
   run w4 400 python3 scripts/bench_throughput.py --workload W4 --backend yaie --profile-prompts 256 --out $OUT
   ;;
+E)
+  # W4 (cascade on/off, cache off), start-up cold/warm with compile-cache logging, W6 yaie
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site:$PYTHONPATH || exit 1
+  run w4 200 python3 scripts/bench_throughput.py --workload W4 --backend yaie --out $OUT
+  SERVE="--max-num-seqs 256 --num-decode-steps 4 --max-num-batched-tokens 4096 --gpu-memory-utilization 0.5"
+  TAIL=30 run startup 200 python3 scripts/bench_startup.py --runs cold,warm --out $OUT -- $SERVE
+  [ -n "$SKIP_W6" ] || run w6_yaie 150 python3 scripts/bench_throughput.py --workload W6 --backend yaie \
+      --max-model-len 2048 --out $OUT
+  ;;
 TP)
   run tp 560 python3 scripts/bench_tp.py --tp ${TP_SIZES:-1,2} --head ${TP_HEADS:-replicated,vocab} --out $OUT
   ;;
