@@ -20,6 +20,11 @@ ENGINE = dict(dtype="float32", attention_backend="xla", warmup=False, compile_ca
               num_decode_steps=2, max_num_batched_tokens=64, num_gpu_blocks=64)
 
 
+@pytest.fixture(autouse=True)
+def _store_on(monkeypatch):
+    monkeypatch.setenv("YAIE_AOT_CACHE", "1")          # off by default (see yaie_jax/aot_cache.py)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return support.make_gpt2_dir(str(tmp_path_factory.mktemp("aot_gpt2")), n_positions=128)
@@ -102,6 +107,8 @@ def test_fingerprint_follows_what_decides_programs(engine, tmp_path, monkeypatch
 def test_off_switches(engine, tmp_path, monkeypatch):
     assert ExecutableStore.for_runner(engine.runner) is None                 # no compile_cache_dir
     monkeypatch.setenv("YAIE_AOT_CACHE", "0")
+    assert ExecutableStore.for_runner(engine.runner, cache_dir=str(tmp_path)) is None
+    monkeypatch.delenv("YAIE_AOT_CACHE")                                     # off unless asked for
     assert ExecutableStore.for_runner(engine.runner, cache_dir=str(tmp_path)) is None
 
 

@@ -19,7 +19,11 @@ runner's own key (kind, sampling flags, fused steps, input shapes). A loaded pro
 shapes and dtypes on every call (jax.stages.Compiled). Entries are pickles: load them only from a directory you
 trust, as JAX's own cache.
 
-Set YAIE_AOT_CACHE=0 to turn the store off. Multi-process (jax.distributed) runs never use it.
+Off by default: set YAIE_AOT_CACHE=1 to turn the store on. Multi-process (jax.distributed) runs never use it.
+Why off: on the GPU (H200, jax 0.11.2) a program holding Mosaic GPU kernels could not be loaded in a process that
+had not yet compiled a Mosaic kernel itself ("Symbols not found: mosaic_gpu_init_tma_desc,
+mosaic_gpu_launch_kernel"); the entry was dropped and the program compiled again, so a warm server start got no
+faster. Loads after a first Mosaic compile worked and gave the same greedy tokens (scripts/gpu/aot_check.py).
 """
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ PACKAGES = ("yaie_jax", "pallas_kernels")
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return os.environ.get(ENV, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _no_addresses(text: str) -> str:

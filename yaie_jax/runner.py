@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import sampling
 from .attention import make_paged_attention
+from . import aot_cache
 from .cascade import empty_plan, plan_cascade
 from .config import EngineConfig
 from .models.base import CausalLM
@@ -121,6 +122,8 @@ class ModelRunner:
                                 and group <= 32)
         self.cascade_members = max(2, 64 // group)
         self.num_cascade_calls = 0          # decode calls that carried a cascade plan
+        # compiled programs of earlier processes with the same fingerprint (None: off, see aot_cache.for_runner)
+        self._aot_store = aot_cache.ExecutableStore.for_runner(self)
 
     # ------------------------------------------------------------------ memory
     def kv_bytes_per_block(self) -> int:
@@ -371,10 +374,22 @@ class ModelRunner:
                                          else str(x.dtype)) for x in leaves)
 
     def compiled(self, kind: str, batch, sbatch, flags, num_steps: int = 1):
-        """The compiled program for these input shapes (ahead-of-time: lower + compile once, then reuse)."""
+        """The compiled program for these input shapes (ahead-of-time: lower + compile once, then reuse). With
+        the compiled-program store (yaie_jax/aot_cache.py) a program compiled by an earlier process with the same
+        fingerprint is loaded instead (no tracing, lowering or XLA compile), and new ones are saved to it."""
         key = (kind, flags, num_steps, self._shape_key(batch), self._shape_key(sbatch))
         fn = self._compiled.get(key)
         if fn is None:
+            rows = np.shape(batch["context_lens"])[0]
+            tokens = np.shape(batch["input_ids"])[0]
+            fn, load_s = aot_cache.timed_load(self._aot_store, key)
+            if fn is not None:
+                logger.info("loaded %s S=%d T=%d steps=%d from the compiled-program store in %.2f s", kind, rows,
+                            tokens, num_steps, load_s)
+                with self._compile_lock:
+                    self._compiled[key] = fn
+                    self.compile_log.append((kind, rows, tokens, num_steps, 0.0, load_s))
+                return fn
             t0 = time.perf_counter()
             if kind == "multi":
                 lowered = self._multi_step_fn.lower(self.params, self.kv_caches, batch, sbatch, flags=flags,
@@ -385,14 +400,14 @@ class ModelRunner:
             t1 = time.perf_counter()
             fn = lowered.compile()
             t2 = time.perf_counter()
-            rows = np.shape(batch["context_lens"])[0]
-            tokens = np.shape(batch["input_ids"])[0]
             with self._compile_lock:
                 self._compiled[key] = fn
                 # (kind, S, T, steps, trace+lower s, compile s); a compile of ~0.1 s is a persistent-cache hit
                 self.compile_log.append((kind, rows, tokens, num_steps, t1 - t0, t2 - t1))
             logger.info("compiled %s S=%d T=%d steps=%d: trace+lower %.2f s, compile %.2f s", kind, rows, tokens,
                         num_steps, t1 - t0, t2 - t1)
+            if self._aot_store is not None:
+                self._aot_store.save(key, fn)
         return fn
 
     # ------------------------------------------------------------------ block copies / swap

@@ -56,6 +56,15 @@ E)
   [ -n "$SKIP_W6" ] || run w6_yaie 150 python3 scripts/bench_throughput.py --workload W6 --backend yaie \
       --max-model-len 2048 --out $OUT
   ;;
+S)
+  # compiled-program store: tokens equal across a saving and a loading process; start-up cold/warm
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site:$PYTHONPATH || exit 1
+  run aot_cold 120 python3 scripts/gpu/aot_check.py --cache-dir /tmp/aot_check
+  run aot_warm 120 python3 scripts/gpu/aot_check.py --cache-dir /tmp/aot_check
+  SERVE="--max-num-seqs 256 --num-decode-steps 4 --max-num-batched-tokens 4096 --gpu-memory-utilization 0.5"
+  TAIL=6 run startup 200 python3 scripts/bench_startup.py --runs cold,warm --out $OUT -- $SERVE
+  ;;
 TP)
   run tp 560 python3 scripts/bench_tp.py --tp ${TP_SIZES:-1,2} --head ${TP_HEADS:-replicated,vocab} --out $OUT
   ;;
