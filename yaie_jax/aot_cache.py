@@ -24,6 +24,9 @@ Why off: on the GPU (H200, jax 0.11.2) a program holding Mosaic GPU kernels coul
 had not yet compiled a Mosaic kernel itself ("Symbols not found: mosaic_gpu_init_tma_desc,
 mosaic_gpu_launch_kernel"); the entry was dropped and the program compiled again, so a warm server start got no
 faster. Loads after a first Mosaic compile worked and gave the same greedy tokens (scripts/gpu/aot_check.py).
+Cause: a Mosaic GPU custom call JIT-links its kernel against the library named by MOSAIC_GPU_RUNTIME_LIB_PATH,
+which `jax.experimental.mosaic.gpu` sets when imported (lowering a Pallas kernel imports it; loading an executable
+does not). `load` now imports it first on a GPU (`prepare_backend`); not yet measured on the GPU.
 """
 from __future__ import annotations
 
@@ -49,9 +52,10 @@ ENV_PREFIXES = ("JAX_", "XLA_", "YAIE_TP_", "LIBTPU_")
 VOLATILE_JAX_CONFIG = {"jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
                        "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size",
                        "jax_enable_compilation_cache", "jax_log_compiles", "jax_explain_cache_misses",
-                       "jax_logging_level", "jax_debug_log_modules"}
+                       "jax_logging_level", "jax_debug_log_modules", "jax_dump_ir_to", "jax_dump_ir_modes",
+                       "jax_include_debug_info_in_dumps"}
 VOLATILE_ENV = {"JAX_COMPILATION_CACHE_DIR", "JAX_LOG_COMPILES", "JAX_EXPLAIN_CACHE_MISSES", "JAX_LOGGING_LEVEL",
-                "JAX_DEBUG_LOG_MODULES"}
+                "JAX_DEBUG_LOG_MODULES", "JAX_DUMP_IR_TO", "JAX_DUMP_IR_MODES", "JAX_INCLUDE_DEBUG_INFO_IN_DUMPS"}
 # EngineConfig fields that do not reach a compiled program
 VOLATILE_ENGINE_FIELDS = {"compile_cache_dir", "served_model_name", "warmup"}
 PACKAGES = ("yaie_jax", "pallas_kernels")
@@ -59,6 +63,28 @@ PACKAGES = ("yaie_jax", "pallas_kernels")
 
 def enabled() -> bool:
     return os.environ.get(ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+_backend_prepared = False
+
+
+def prepare_backend() -> None:
+    """What a process must have done before it can load a stored program that it did not lower itself. On a GPU:
+    import `jax.experimental.mosaic.gpu`, which points the Mosaic GPU custom call at its runtime library
+    (MOSAIC_GPU_RUNTIME_LIB_PATH); without it a program holding Mosaic kernels fails to load with
+    "Symbols not found: mosaic_gpu_init_tma_desc, mosaic_gpu_launch_kernel"."""
+    global _backend_prepared
+    if _backend_prepared:
+        return
+    _backend_prepared = True
+    import jax
+    if jax.default_backend() != "gpu":
+        return
+    try:
+        import jax.experimental.mosaic.gpu  # noqa: F401  (sets MOSAIC_GPU_RUNTIME_LIB_PATH)
+    except Exception as e:  # no Mosaic GPU in this jaxlib: programs without Mosaic kernels still load
+        logger.info("compiled-program store: jax.experimental.mosaic.gpu not importable (%s: %s)",
+                    type(e).__name__, e)
 
 
 def _no_addresses(text: str) -> str:
@@ -167,6 +193,7 @@ class ExecutableStore:
             return None
         try:
             from jax.experimental.serialize_executable import deserialize_and_load
+            prepare_backend()
             with open(path, "rb") as f:
                 payload, in_tree, out_tree = pickle.load(f)
             fn = deserialize_and_load(payload, in_tree, out_tree)
