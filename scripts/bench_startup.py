@@ -75,7 +75,7 @@ def _note_marks(log_path: str) -> None:
 
 
 def one_start(model_dir: str, cache_dir: str, port: int, extra, timeout_s: float, log_path: str,
-              xla_flags: str = "", compile_log: str = "2") -> float:
+              xla_flags: str = "", compile_log: str = "2", dump_ir: Optional[str] = None) -> float:
     cmd = [sys.executable, "-m", "yaie_jax.serve", model_dir, "--port", str(port),
            "--compile-cache-dir", cache_dir] + list(extra)
     env = dict(os.environ)
@@ -83,6 +83,9 @@ def one_start(model_dir: str, cache_dir: str, port: int, extra, timeout_s: float
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
     if compile_log:
         env.setdefault("YAIE_LOG_COMPILE_CACHE", compile_log)
+    if dump_ir:   # every module JAX compiles (or finds in its cache), as hashed for the cache key: no locations
+        shutil.rmtree(dump_ir, ignore_errors=True)
+        env.update(JAX_DUMP_IR_TO=dump_ir, JAX_DUMP_IR_MODES="stablehlo", JAX_INCLUDE_DEBUG_INFO_IN_DUMPS="false")
     t0 = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -168,6 +171,52 @@ def summarize_log(path: str) -> Dict:
     return out
 
 
+_DUMP_NAME = re.compile(r"jax_ir\d+_(.+)_compile\.mlir$")
+_MAIN_SIG = re.compile(r"func\.func public @main\((.*?)\)\s*->", re.S)
+
+
+def _module_index(dump_dir: str) -> Dict[str, list]:
+    """{program name + main's argument types: [module texts]} of one run's IR dump."""
+    index: Dict[str, list] = collections.defaultdict(list)
+    try:
+        names = sorted(os.listdir(dump_dir))
+    except OSError:
+        return index
+    for name in names:
+        m = _DUMP_NAME.match(name)
+        if not m:
+            continue
+        with open(os.path.join(dump_dir, name), errors="replace") as f:
+            text = f.read()
+        sig = _MAIN_SIG.search(text)
+        args = re.sub(r"\{[^{}]*\}", "", sig.group(1)) if sig else ""      # drop attributes, keep types
+        index[m.group(1) + "(" + re.sub(r"%arg\d+: ", "", args)[:4000] + ")"].append((name, text))
+    return index
+
+
+def ir_differences(warm_dir: str, cold_dir: str, keep_dir: Optional[str] = None, keep: int = 2) -> list:
+    """Programs compiled in both runs (same name and argument types) whose modules differ: the first difference
+    with 150 characters of context from each run. The first `keep` differing pairs are copied to `keep_dir`."""
+    warm, cold = _module_index(warm_dir), _module_index(cold_dir)
+    out = []
+    for sig, mods in sorted(warm.items()):
+        if sig not in cold:
+            continue
+        a_name, a = cold[sig][0]
+        for b_name, b in mods:
+            if a == b:
+                continue
+            i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            out.append({"program": sig[:200], "cold_file": a_name, "warm_file": b_name, "offset": i,
+                        "len_cold": len(a), "len_warm": len(b), "cold": a[max(0, i - 150):i + 150],
+                        "warm": b[max(0, i - 150):i + 150]})
+            if keep_dir and len(out) <= keep:
+                os.makedirs(keep_dir, exist_ok=True)
+                shutil.copy(os.path.join(cold_dir, a_name), os.path.join(keep_dir, "cold_" + a_name))
+                shutil.copy(os.path.join(warm_dir, b_name), os.path.join(keep_dir, "warm_" + b_name))
+    return out
+
+
 def new_key_parts(warm: Dict, cold: Dict) -> Dict[str, int]:
     """Per cache-key component: how many of the warm run's values the cold run never produced (non-zero for the
     component that made programs miss; `computation` is expected to be non-zero only for programs the cold run
@@ -185,6 +234,10 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--timeout-s", type=float, default=400)
     ap.add_argument("--compile-log", default="2", help="YAIE_LOG_COMPILE_CACHE for the servers (0 = off)")
+    ap.add_argument("--dump-ir", action="store_true",
+                    help="dump every compiled module (JAX_DUMP_IR_TO) and report, for warm runs, the programs whose "
+                         "module differs from the cold run's (the first difference in context); two such pairs "
+                         "are kept in --out as ir_diff.tar.gz, the dumps themselves are removed")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="flags passed to the server after --")
     args = ap.parse_args()
@@ -200,8 +253,9 @@ def main() -> None:
             shutil.rmtree(cache_dir, ignore_errors=True)
         flags = "--xla_gpu_enable_triton_gemm=false" if kind.endswith("cublas") else ""
         log_path = os.path.join(args.out, f"startup_{kind}.log")
+        dump = os.path.join(args.out, f"ir_{kind}") if args.dump_ir else None
         seconds = one_start(model_dir, cache_dir, args.port + i, extra, args.timeout_s, log_path,
-                            xla_flags=flags, compile_log=args.compile_log)
+                            xla_flags=flags, compile_log=args.compile_log, dump_ir=dump)
         logs[kind] = summarize_log(log_path)
         row = {"run": kind, "startup_to_first_completion_s": seconds,
                "startup_to_listening_s": STAGES.pop("listening", None)}
@@ -209,8 +263,18 @@ def main() -> None:
         cold = logs.get(kind.replace("warm", "cold"))
         if kind.startswith("warm") and cold:
             row["new_cache_key_values_vs_cold"] = new_key_parts(logs[kind], cold)
+            if args.dump_ir:
+                row["ir_differences_vs_cold"] = ir_differences(
+                    dump, os.path.join(args.out, "ir_" + kind.replace("warm", "cold")),
+                    keep_dir=os.path.join(args.out, "ir_diff"))
         rows.append(row)
         print(f"{kind}: {seconds:.2f} s to the first completion (log: {log_path})", flush=True)
+    if args.dump_ir:
+        if os.path.isdir(os.path.join(args.out, "ir_diff")):
+            shutil.make_archive(os.path.join(args.out, "ir_diff"), "gztar", args.out, "ir_diff")
+            shutil.rmtree(os.path.join(args.out, "ir_diff"))
+        for kind in args.runs.split(","):
+            shutil.rmtree(os.path.join(args.out, f"ir_{kind}"), ignore_errors=True)
     record = {"config": vars(args), "env": bc.environment(), "results": rows}
     print("wrote", bc.write_result(args.out, "startup", record))
     bc.bar_plot(os.path.join(args.out, "startup.png"), [r["run"] for r in rows],
@@ -231,6 +295,9 @@ def main() -> None:
         if r["run"].startswith("warm"):
             print(f"{r['run']}: misses {r.get('cache_misses_by_program')} new key values vs cold "
                   f"{r.get('new_cache_key_values_vs_cold')}")
+            for d in (r.get("ir_differences_vs_cold") or [])[:2]:
+                print(f"  module differs: {d['program'][:100]} at char {d['offset']}:\n    cold ...{d['cold']!r}"
+                      f"\n    warm ...{d['warm']!r}")
 
 
 if __name__ == "__main__":
