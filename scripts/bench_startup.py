@@ -83,6 +83,7 @@ def one_start(model_dir: str, cache_dir: str, port: int, extra, timeout_s: float
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
     if compile_log:
         env.setdefault("YAIE_LOG_COMPILE_CACHE", compile_log)
+        env.setdefault("YAIE_STARTUP_PROFILE", "1")       # where the engine build's time goes (one log line)
     if dump_ir:   # every module JAX compiles (or finds in its cache), as hashed for the cache key: no locations
         shutil.rmtree(dump_ir, ignore_errors=True)
         env.update(JAX_DUMP_IR_TO=dump_ir, JAX_DUMP_IR_MODES="stablehlo", JAX_INCLUDE_DEBUG_INFO_IN_DUMPS="false")
@@ -118,6 +119,7 @@ COMPILED = re.compile(r"yaie_jax\.runner.*: compiled (\w+) S=(\d+) T=(\d+) steps
 HIT = re.compile(r"Persistent compilation cache hit for '([^']+)'")
 MISS = re.compile(r"PERSISTENT COMPILATION CACHE MISS for '([^']+)'")
 KEY_PART = re.compile(r"get_cache_key hash of serialized (.+?): ([0-9a-f]+)")
+PROFILE = re.compile(r"start-up profile of the engine build \(main thread, cumulative s by function\): (.*)$")
 NOT_WRITTEN = re.compile(r"Not writing persistent cache entry|Error (?:reading|writing) persistent compilation "
                          r"cache entry|unable to generate cache key")
 
@@ -146,6 +148,9 @@ def summarize_log(path: str) -> Dict:
             out["programs_before_serving"] = int(m.group(2))
             out["trace_lower_before_serving_s"] = float(m.group(3))
             out["compile_before_serving_s"] = float(m.group(4))
+        if (m := PROFILE.search(line)) and "engine_build_profile" not in out:
+            out["engine_build_profile"] = [[float(p.split(" ", 1)[0]), p.split(" ", 1)[1]]
+                                           for p in m.group(1).split("; ") if " " in p]
         if m := COMPILED.search(line):
             programs.append({"kind": m.group(1), "S": int(m.group(2)), "T": int(m.group(3)),
                              "steps": int(m.group(4)), "trace_lower_s": float(m.group(5)),
@@ -295,6 +300,8 @@ def main() -> None:
         if r["run"].startswith("warm"):
             print(f"{r['run']}: misses {r.get('cache_misses_by_program')} new key values vs cold "
                   f"{r.get('new_cache_key_values_vs_cold')}")
+            prof = r.get("engine_build_profile") or []
+            print(f"{r['run']}: engine build profile: " + "; ".join(f"{sec:.1f} {w}" for sec, w in prof[:12]))
             for d in (r.get("ir_differences_vs_cold") or [])[:2]:
                 print(f"  module differs: {d['program'][:100]} at char {d['offset']}:\n    cold ...{d['cold']!r}"
                       f"\n    warm ...{d['warm']!r}")

@@ -22,6 +22,7 @@ WARM = """\
 2026-11-27 08:00:00,002 DEBUG jax._src.cache_key [T1]: get_cache_key hash of serialized XLA flags: ffff
 2026-11-27 08:00:00,003 DEBUG jax._src.compiler [T1]: PERSISTENT COMPILATION CACHE MISS for 'jit__step_impl' with key 'k3'
 2026-11-27 08:00:00,004 DEBUG jax._src.compiler [T1]: Persistent compilation cache hit for 'jit__multi_step_impl' with key 'k2'
+2026-11-27 08:00:01,000 INFO yaie_jax.serve [MainThread]: start-up profile of the engine build (main thread, cumulative s by function): 8.00 engine.py:__init__; 5.50 runner.py:warmup; 1.20 import jax
 2026-11-27 08:00:01,000 INFO yaie_jax.serve [MainThread]: start-up: engine built in 9.00 s, 10.00 s after the process started; 2 step programs compiled so far: trace+lower 7.00 s, compile 1.00 s (summed over threads)
 """
 
@@ -40,6 +41,8 @@ def test_summarize_log_and_key_parts(tmp_path):
     assert (warm["cache_misses"], warm["cache_hits"]) == (1, 1)
     assert warm["cache_misses_by_program"] == {"jit__step_impl": 1}
     assert bs.new_key_parts(warm, cold) == {"computation": 1, "XLA flags": 0}
+    assert warm["engine_build_profile"] == [[8.0, "engine.py:__init__"], [5.5, "runner.py:warmup"],
+                                            [1.2, "import jax"]]
 
 
 def _dump(d, i, name, args, body):

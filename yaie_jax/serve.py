@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -25,6 +26,9 @@ from typing import Optional, Sequence
 from .settings import ConfigError, Settings, parse_args
 
 logger = logging.getLogger("yaie_jax.serve")
+
+# YAIE_STARTUP_PROFILE=1: log where the engine build's time went (sampled stacks of the main thread)
+PROFILE_ENV = "YAIE_STARTUP_PROFILE"
 
 
 def build_engine(settings: Settings, factory: Optional[str] = None):
@@ -92,15 +96,21 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m yaie_ja
 
     from .async_engine import AsyncEngine
     from .server.app import create_app
-    from .server.logging import fmt_age
+    from .server.logging import StackSampler, fmt_age
     logger.info("start-up: building the engine, %s (Python start-up, imports, configuration)", fmt_age())
     t0 = time.monotonic()
+    sampler = StackSampler().start() if os.environ.get(PROFILE_ENV, "") not in ("", "0") else None
     try:
         engine = build_engine(settings, getattr(ns, "engine_factory", None))
     except (ValueError, OSError) as e:
         print(f"error: cannot build the engine: {e}", file=sys.stderr)
         return 1
+    finally:
+        profile = sampler.stop() if sampler is not None else None
     _log_engine_built(engine, time.monotonic() - t0)
+    if profile is not None:
+        logger.info("start-up profile of the engine build (main thread, cumulative s by function): %s",
+                    "; ".join(f"{sec:.2f} {where}" for sec, where in profile))
 
     async_engine = AsyncEngine(engine, max_waiting_requests=srv.max_waiting_requests,
                                model_name=settings.engine.served_model_name)

@@ -11,10 +11,12 @@ Each app gets its own bound logger (no global structlog configuration), writing 
 """
 from __future__ import annotations
 
+import collections
 import os
 import sys
+import threading
 import time
-from typing import Any, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 import structlog
 
@@ -73,8 +75,57 @@ def fmt_age(age: Optional[float] = None) -> str:
     return f"{age:.2f} s after the process started" if age is not None else f"at monotonic {time.monotonic():.2f}"
 
 
+class StackSampler:
+    """Where one thread spends a stretch of time (start-up), by sampling its Python stack every `interval_s` from
+    a daemon thread: `stop()` returns [(seconds, "file.py:function")] by cumulative time (a sample counts once
+    for each distinct function on the stack), the frames under `roots` (package directory names) only, plus
+    the import of each top-level package (as "import <name>"). Cheap (one stack walk per sample); the sampled
+    thread is never paused."""
+
+    def __init__(self, thread: Optional[threading.Thread] = None, interval_s: float = 0.02,
+                 roots: Tuple[str, ...] = ("yaie_jax", "pallas_kernels"),
+                 skip_files: Tuple[str, ...] = ("serve.py",)):
+        self.ident = (thread or threading.current_thread()).ident
+        self.interval_s = interval_s
+        self.roots = tuple(os.sep + r + os.sep for r in roots)
+        self.skip_files = tuple(os.sep + f for f in skip_files)     # the caller's own frames
+        self.counts: Dict[str, int] = collections.Counter()
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="yaie-startup-profile", daemon=True)
+
+    def start(self) -> "StackSampler":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            frame = sys._current_frames().get(self.ident)
+            seen = set()
+            while frame is not None:
+                code = frame.f_code
+                fname = code.co_filename
+                key = None
+                if any(r in fname for r in self.roots):
+                    if not fname.endswith(self.skip_files):
+                        key = f"{os.path.basename(fname)}:{code.co_name}"
+                elif code.co_name == "<module>" and "importlib" not in fname:
+                    top = frame.f_globals.get("__name__", "?").split(".")[0]
+                    key = f"import {top}"
+                if key is not None:
+                    seen.add(key)
+                frame = frame.f_back
+            self.counts.update(seen)
+            self.samples += 1
+
+    def stop(self, top: int = 25) -> List[Tuple[float, str]]:
+        self._stop.set()
+        self._thread.join(1.0)
+        return [(n * self.interval_s, k) for k, n in self.counts.most_common(top)]
+
+
 def _round(fields: dict) -> dict:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in fields.items()}
 
 
-__all__ = ["RequestLog", "make_request_logger", "process_age_s", "fmt_age"]
+__all__ = ["RequestLog", "make_request_logger", "process_age_s", "fmt_age", "StackSampler"]
