@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Optional, Sequence
 
@@ -51,6 +52,30 @@ def _log_engine_built(engine, seconds: float) -> None:
     logger.info("start-up: engine built in %.2f s, %s; %d step programs compiled so far: trace+lower %.2f s, "
                 "compile %.2f s (summed over threads)", seconds, fmt_age(), len(log),
                 sum(e[4] for e in log), sum(e[5] for e in log))
+
+
+def start_backend_init(settings: Settings, factory: Optional[str] = None) -> Optional[threading.Thread]:
+    """Single-process serving of the built-in engine: initialize JAX's backend (on a GPU: CUDA context, device
+    memory pool; C++ that releases the GIL) in a thread, so it overlaps the main thread's imports and model
+    loading instead of waiting for the engine's first device call. Not with several processes
+    (`jax.distributed.initialize` must come first) nor with an engine factory."""
+    if factory or settings.engine.num_processes > 1:
+        return None
+
+    def init() -> None:
+        t0 = time.monotonic()
+        try:
+            import jax
+            devices = jax.devices()
+        except Exception as e:  # the engine build reports it
+            logger.info("start-up: background JAX backend init failed (%s: %s)", type(e).__name__, e)
+            return
+        logger.info("start-up: JAX backend initialized in the background in %.2f s: %d x %s", time.monotonic() - t0,
+                    len(devices), devices[0].device_kind)
+
+    thread = threading.Thread(target=init, name="yaie-backend-init", daemon=True)
+    thread.start()
+    return thread
 
 
 def _make_server_class():
@@ -90,6 +115,7 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m yaie_ja
     srv = settings.server
     logging.basicConfig(level=getattr(logging, srv.log_level.upper(), logging.INFO) if srv.log_level != "trace"
                         else logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s [%(threadName)s]: %(message)s")
+    start_backend_init(settings, getattr(ns, "engine_factory", None))
     # the web stack is imported before the engine is built: afterwards the engine's background compiles (tracing
     # holds the GIL) would slow these imports down several times, between warm-up and serving
     import uvicorn
