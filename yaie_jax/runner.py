@@ -14,6 +14,7 @@ Padding tokens write nowhere (slot -1) and padding sequences have context length
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import math
 import os
@@ -39,6 +40,9 @@ logger = logging.getLogger("yaie_jax.runner")
 JNP_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
 
+# after the start-up warm-up, background compiles wait this long: the server starts and answers its first
+# requests without competing for the GIL with tracing/lowering (they also wait for a pause in the steps)
+BACKGROUND_GRACE_S = 2.0
 CASCADE_MIN_ROWS = 16        # smaller decode buckets never carry a cascade plan (one program variant fewer)
 CASCADE_MIN_PREFIX_TOKENS = 64   # a shared prefix shorter than one 64-key tile is not worth a second kernel
 
@@ -115,6 +119,8 @@ class ModelRunner:
         self._requested: set = set()        # shapes handed to `_compile_later`
         self._later_threads: List[threading.Thread] = []
         self._last_step_t = 0.0             # monotonic time of the last step dispatched (background compiles wait)
+        self._background_not_before = 0.0   # monotonic time before which background compiles do not start
+        self._background_trace_lock = threading.Lock()   # one background compile traces/lowers at a time
         # Cascade attention (yaie_jax/cascade.py) for decode buckets of >= CASCADE_MIN_ROWS rows: items of up to
         # 64 // G member rows (one 64-row query tile per KV head), at most max(2, S // 8) items per call.
         group = max(1, self.mc.num_heads // self.mc.num_kv_heads)
@@ -373,7 +379,7 @@ class ModelRunner:
         return (str(treedef),) + tuple((tuple(np.shape(x)), str(np.asarray(x).dtype) if not hasattr(x, "dtype")
                                          else str(x.dtype)) for x in leaves)
 
-    def compiled(self, kind: str, batch, sbatch, flags, num_steps: int = 1):
+    def compiled(self, kind: str, batch, sbatch, flags, num_steps: int = 1, trace_lock=None):
         """The compiled program for these input shapes (ahead-of-time: lower + compile once, then reuse). With
         the compiled-program store (yaie_jax/aot_cache.py) a program compiled by an earlier process with the same
         fingerprint is loaded instead (no tracing, lowering or XLA compile), and new ones are saved to it."""
@@ -391,12 +397,13 @@ class ModelRunner:
                     self.compile_log.append((kind, rows, tokens, num_steps, 0.0, load_s))
                 return fn
             t0 = time.perf_counter()
-            if kind == "multi":
-                lowered = self._multi_step_fn.lower(self.params, self.kv_caches, batch, sbatch, flags=flags,
-                                                    num_steps=num_steps)
-            else:
-                lowered = self._step_fn.lower(self.params, self.kv_caches, batch, sbatch,
-                                              decode=(kind == "decode"), flags=flags)
+            with trace_lock or contextlib.nullcontext():     # background: one thread holds the GIL tracing
+                if kind == "multi":
+                    lowered = self._multi_step_fn.lower(self.params, self.kv_caches, batch, sbatch, flags=flags,
+                                                        num_steps=num_steps)
+                else:
+                    lowered = self._step_fn.lower(self.params, self.kv_caches, batch, sbatch,
+                                                  decode=(kind == "decode"), flags=flags)
             t1 = time.perf_counter()
             fn = lowered.compile()
             t2 = time.perf_counter()
@@ -484,10 +491,10 @@ class ModelRunner:
                                           members_per_item=self.cascade_members)
         return batch, sbatch, flags, K
 
-    def _compile_shape(self, shape) -> None:
+    def _compile_shape(self, shape, trace_lock=None) -> None:
         kind, T, S = shape
         batch, sbatch, flags, K = self._dummy_inputs(kind, T, S)
-        self.compiled(kind.partition("+")[0], batch, sbatch, flags, K)
+        self.compiled(kind.partition("+")[0], batch, sbatch, flags, K, trace_lock=trace_lock)
         with self._compile_lock:
             self._ready.add((kind, T if kind == "prefill" else S))
 
@@ -512,6 +519,8 @@ class ModelRunner:
             list(pool.map(one, first if background else first + rest))
         bar.close()
         if background and rest:
+            self._background_not_before = time.monotonic() + BACKGROUND_GRACE_S
+
             def compile_rest():
                 with concurrent.futures.ThreadPoolExecutor(max(1, workers // 2)) as pool:
                     list(pool.map(self._compile_when_idle, rest))
@@ -519,12 +528,15 @@ class ModelRunner:
             self._warm_thread.start()
 
     def _compile_when_idle(self, shape, idle_s: float = 0.25, max_defer_s: float = 5.0) -> None:
-        """Background compile of one bucket, started once no step has run for `idle_s` (tracing and lowering
-        hold the GIL, which the serving loop needs) or after `max_defer_s` at the latest."""
+        """Background compile of one bucket, started once no step has run for `idle_s` and the start-up grace
+        (BACKGROUND_GRACE_S after the warm-up) is over (tracing and lowering hold the GIL, which the serving loop
+        needs), or after `max_defer_s` at the latest; one background compile traces/lowers at a time (their XLA
+        compiles, which release the GIL, still overlap)."""
         deadline = time.monotonic() + max_defer_s
-        while time.monotonic() < deadline and time.monotonic() - self._last_step_t < idle_s:
+        while time.monotonic() < deadline and (time.monotonic() - self._last_step_t < idle_s
+                                               or time.monotonic() < self._background_not_before):
             time.sleep(0.02)
-        self._compile_shape(shape)
+        self._compile_shape(shape, trace_lock=self._background_trace_lock)
 
     def wait_for_warmup(self) -> None:
         """Block until background bucket compilation (if any) has finished."""
