@@ -84,10 +84,18 @@ def shared_prefix_case(rng, groups, *, num_kv_heads=2, group=3, head_dim=64, blo
     lens = [c for _, members in groups for c in members]
     case = decode_case(rng, lens, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim,
                        block_size=block_size, dtype=dtype, max_blocks=max_blocks, extra_blocks=extra_blocks)
-    rows, r = [], 0
     for shared, members in groups:
         assert shared == 0 or all(c > shared * block_size for c in members)
-        rows.append(list(range(r, r + len(members))))
-        case.block_tables[r + 1:r + len(members), :shared] = case.block_tables[r, :shared]
-        r += len(members)
+    rows = share_leading_pages(case.block_tables, [(shared, len(members)) for shared, members in groups])
     return case, rows
+
+
+def share_leading_pages(block_tables, groups):
+    """In place: consecutive groups of rows, given as (shared_pages, num_rows), get their first row's first
+    `shared_pages` page ids. Returns the rows of each group."""
+    rows, r = [], 0
+    for shared, n in groups:
+        rows.append(list(range(r, r + n)))
+        block_tables[r + 1:r + n, :shared] = block_tables[r, :shared]
+        r += n
+    return rows

@@ -218,16 +218,14 @@ def main():
     def cascade_row(S, groups, prefix, own_max):
         """Decode where `groups` equal groups of the S rows share a `prefix`-token page run (issue 10's W4 shape),
         each row with 1..own_max tokens of its own: the cascade kernel vs plain paged decode on the same tables."""
-        from yaie_jax.cascade import plan_cascade
+        from pallas_kernels.testing import share_leading_pages
+        from yaie_jax.cascade import engine_plan
         own = rng.integers(1, own_max + 1, size=S)
         cl_np = (prefix + own).astype(np.int32)
         MB = -(-int(cl_np.max()) // BS)
         bt_np = rng.permutation(NB)[:S * MB].reshape(S, MB).astype(np.int32)
-        per = S // groups
-        for g in range(groups):
-            bt_np[g * per + 1:(g + 1) * per, :prefix // BS] = bt_np[g * per, :prefix // BS]
-        plan = plan_cascade(bt_np, cl_np, block_size=BS, max_items=max(2, S // 8),
-                            members_per_item=max(2, 64 // (Hq // Hkv)), min_prefix_blocks=max(1, 64 // BS))
+        share_leading_pages(bt_np, [(prefix // BS, S // groups)] * groups)
+        plan = engine_plan(bt_np, cl_np, block_size=BS, group=Hq // Hkv)       # the engine's cascade policy
         plan = {k: jnp.asarray(v) for k, v in plan.items()}
         bt, cl = jnp.asarray(bt_np), jnp.asarray(cl_np)
         q = jax.random.normal(jax.random.fold_in(key, S + prefix), (S, Hq, D), jnp.float32).astype(dt)

@@ -71,6 +71,27 @@ def plan_cascade(block_tables: np.ndarray, context_lens: np.ndarray, *, block_si
                 row_slot=row_slot)
 
 
+MIN_PREFIX_TOKENS = 64       # a shared prefix shorter than one 64-key tile is not worth a second kernel
+
+
+def max_items(num_rows: int) -> int:
+    """Item slots of a decode bucket of `num_rows` rows (a static shape of its cascade program)."""
+    return max(2, num_rows // 8)
+
+
+def members_per_item(group: int) -> int:
+    """Member rows of one item: the item's rows x `group` query heads per KV head fill one 64-row query tile."""
+    return max(2, 64 // group)
+
+
+def engine_plan(block_tables: np.ndarray, context_lens: np.ndarray, *, block_size: int,
+                group: int) -> Optional[Dict[str, np.ndarray]]:
+    """`plan_cascade` with the engine's policy (item slots, members per item, shortest prefix worth sharing)."""
+    return plan_cascade(block_tables, context_lens, block_size=block_size,
+                        max_items=max_items(block_tables.shape[0]), members_per_item=members_per_item(group),
+                        min_prefix_blocks=max(1, MIN_PREFIX_TOKENS // block_size))
+
+
 def empty_plan(num_rows: int, max_blocks: int, *, max_items: int, members_per_item: int) -> Dict[str, np.ndarray]:
     """A plan with no items (for compiling the cascade programs ahead of time)."""
     return dict(item_rows=np.zeros((max_items, members_per_item), np.int32),

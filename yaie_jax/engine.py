@@ -42,10 +42,10 @@ class _MessageFilter(logging.Filter):
         self.needles = tuple(n.lower() for n in needles)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING:
+        if record.levelno >= logging.WARNING:       # warnings and errors always pass
             return True
         msg = record.getMessage().lower()
-        return any(n in msg for n in self.needles)  # warnings and errors always pass
+        return any(n in msg for n in self.needles)
 
 
 _compile_logging_done = False

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import sampling
 from .attention import make_paged_attention
 from . import aot_cache
-from .cascade import empty_plan, plan_cascade
+from . import cascade
 from .config import EngineConfig
 from .models.base import CausalLM
 from .scheduler import SchedulerOutput
@@ -44,7 +44,6 @@ JNP_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.f
 # requests without competing for the GIL with tracing/lowering (they also wait for a pause in the steps)
 BACKGROUND_GRACE_S = 2.0
 CASCADE_MIN_ROWS = 16        # smaller decode buckets never carry a cascade plan (one program variant fewer)
-CASCADE_MIN_PREFIX_TOKENS = 64   # a shared prefix shorter than one 64-key tile is not worth a second kernel
 
 
 def next_power_of(x: int, base: int, lo: int) -> int:
@@ -121,12 +120,10 @@ class ModelRunner:
         self._last_step_t = 0.0             # monotonic time of the last step dispatched (background compiles wait)
         self._background_not_before = 0.0   # monotonic time before which background compiles do not start
         self._background_trace_lock = threading.Lock()   # one background compile traces/lowers at a time
-        # Cascade attention (yaie_jax/cascade.py) for decode buckets of >= CASCADE_MIN_ROWS rows: items of up to
-        # 64 // G member rows (one 64-row query tile per KV head), at most max(2, S // 8) items per call.
-        group = max(1, self.mc.num_heads // self.mc.num_kv_heads)
+        # Cascade attention (yaie_jax/cascade.py, its policy there) for decode buckets of >= CASCADE_MIN_ROWS rows
+        self.cascade_group = max(1, self.mc.num_heads // self.mc.num_kv_heads)
         self.cascade_enabled = (config.cascade_attention and self.attention_backend == "pallas"
-                                and group <= 32)
-        self.cascade_members = max(2, 64 // group)
+                                and self.cascade_group <= 32)
         self.num_cascade_calls = 0          # decode calls that carried a cascade plan
         # compiled programs of earlier processes with the same fingerprint (None: off, see aot_cache.for_runner)
         self._aot_store = aot_cache.ExecutableStore.for_runner(self)
@@ -292,20 +289,15 @@ class ModelRunner:
                 self.num_cascade_calls += 1
         return batch, decode, S
 
-    def _cascade_items(self, S: int) -> int:
-        return max(2, S // 8)
-
     def cascade_plan(self, kind: str, block_tables: np.ndarray, context_lens: np.ndarray, num_seqs: int):
         """The cascade plan of a decode batch (yaie_jax/cascade.py), or None: cascade off, a bucket below
-        CASCADE_MIN_ROWS, no rows sharing a prefix of >= CASCADE_MIN_PREFIX_TOKENS, or (while warm-up compiles in
+        CASCADE_MIN_ROWS, no rows sharing a prefix of >= cascade.MIN_PREFIX_TOKENS, or (while warm-up compiles in
         the background) the bucket's cascade program not compiled yet -- plain decode attention gives the same
         result, only reading the shared pages once per row."""
         S = block_tables.shape[0]
         if not self.cascade_enabled or S < CASCADE_MIN_ROWS:
             return None
-        plan = plan_cascade(block_tables, context_lens, block_size=self.block_size,
-                            max_items=self._cascade_items(S), members_per_item=self.cascade_members,
-                            min_prefix_blocks=max(1, CASCADE_MIN_PREFIX_TOKENS // self.block_size))
+        plan = cascade.engine_plan(block_tables, context_lens, block_size=self.block_size, group=self.cascade_group)
         variant = (kind + "+cascade", S)
         if plan is not None and self._warm_started and variant not in self._ready:
             # the first batch that would use it: compile it now, and the batch's own bucket's too (this one may
@@ -487,8 +479,8 @@ class ModelRunner:
                          context_lens=batch["context_lens"], block_tables=batch["block_tables"],
                          slots=np.full((K, S), -1, np.int32))
         if variant == "cascade":
-            batch["cascade"] = empty_plan(S, self.max_blocks_per_seq, max_items=self._cascade_items(S),
-                                          members_per_item=self.cascade_members)
+            batch["cascade"] = cascade.empty_plan(S, self.max_blocks_per_seq, max_items=cascade.max_items(S),
+                                                  members_per_item=cascade.members_per_item(self.cascade_group))
         return batch, sbatch, flags, K
 
     def _compile_shape(self, shape, trace_lock=None) -> None:

@@ -12,6 +12,9 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 nvidia-smi -L
 run() { local name=$1 limit=$2; shift 2; timeout $limit "$@" > $OUT/$name.log 2>&1; echo "== $name rc=$?"; \
         grep -a -v "it/s\]\|s/it\]\|^\s*$" $OUT/$name.log | tail -${TAIL:-8}; }
+# the server's packages travel as wheels (carry .whl; see ../shared/tools/gpu-wheels)
+wheels() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+               .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH; }
 case ${1:-A} in
 A)
   run w1_yaie 330 python3 scripts/bench_throughput.py --workload W1 --backend yaie --profile-prompts 128 --out $OUT
@@ -20,9 +23,7 @@ A)
   run w1_hf 200 python3 scripts/bench_throughput.py --workload W1 --backend hf --out $OUT
   ;;
 B)
-  # the server's packages travel as wheels (carry .whl; see ../shared/tools/gpu-wheels)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH=/tmp/site:$PYTHONPATH || exit 1
+  wheels || exit 1
   SERVE="--max-num-seqs 256 --num-decode-steps 4 --max-num-batched-tokens 4096 --gpu-memory-utilization 0.5"
   run startup 150 python3 scripts/bench_startup.py --runs cold,warm --out $OUT -- $SERVE
   python3 -m yaie_jax.serve ~/.cache/yaie_bench/gpt2_124m --port 8000 $SERVE --no-access-log \
@@ -48,8 +49,7 @@ W4)
   ;;
 E)
   # W4 (cascade on/off, cache off), start-up cold/warm with compile-cache logging, W6 yaie
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH=/tmp/site:$PYTHONPATH || exit 1
+  wheels || exit 1
   run w4 200 python3 scripts/bench_throughput.py --workload W4 --backend yaie --out $OUT
   SERVE="--max-num-seqs 256 --num-decode-steps 4 --max-num-batched-tokens 4096 --gpu-memory-utilization 0.5"
   TAIL=30 run startup 200 python3 scripts/bench_startup.py --runs cold,warm --out $OUT -- $SERVE
@@ -58,8 +58,7 @@ E)
   ;;
 S)
   # compiled-program store: tokens equal across a saving and a loading process; start-up cold/warm
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH=/tmp/site:$PYTHONPATH || exit 1
+  wheels || exit 1
   run aot_cold 120 python3 scripts/gpu/aot_check.py --cache-dir /tmp/aot_check
   run aot_warm 120 python3 scripts/gpu/aot_check.py --cache-dir /tmp/aot_check
   SERVE="--max-num-seqs 256 --num-decode-steps 4 --max-num-batched-tokens 4096 --gpu-memory-utilization 0.5"
