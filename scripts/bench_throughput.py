@@ -9,12 +9,15 @@ Random weights, bf16, EOS ignored. Prints a table; writes JSON (device, JAX vers
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_common as bc  # noqa: E402
+from host_trace import HostTrace  # noqa: E402
 
 
 def model_dir_for(workload: str, root: str) -> str:
@@ -41,11 +44,13 @@ def run_yaie(model_dir: str, prompts, max_new, args, enable_prefix_caching: bool
     llm.engine.wait_for_warmup()              # every bucket compiled (background compiles after start-up)
     print(f"warm-up pass {time.perf_counter() - t0:.1f} s", flush=True)
     llm.engine.block_manager.reset_prefix_cache()
-    host0 = dict(llm.engine.host_time_s)
+    host0 = llm.get_stats()["host_time_s"]
     steps0 = llm.get_stats()["num_steps"]
     cascade0 = llm.engine.runner.num_cascade_calls
+    trace = HostTrace(llm.engine) if args.host_trace else contextlib.nullcontext()
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=True)
+    with trace:
+        outs = llm.generate(prompts, params, use_tqdm=True)
     elapsed = time.perf_counter() - t0
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     ttfts = [o.metrics["first_token_time"] - o.metrics["arrival_time"] for o in outs]
@@ -58,9 +63,32 @@ def run_yaie(model_dir: str, prompts, max_new, args, enable_prefix_caching: bool
            "num_cascade_calls": llm.engine.runner.num_cascade_calls - cascade0,
            # host seconds per engine phase in the timed pass; wait_device ~ time the host had nothing to do
            "host_time_s": {k: v - host0.get(k, 0.0) for k, v in stats["host_time_s"].items()}}
+    if args.host_trace:
+        row["host_trace"] = trace.summary()
+        print("host trace:", json.dumps(row["host_trace"], indent=None)[:3000])
     if args.profile_prompts:
         row["profile"] = profile_pass(llm, prompts[:args.profile_prompts], params[:args.profile_prompts], args)
+    if args.host_profile:
+        row["host_profile"] = host_profile_pass(llm, prompts, params)
     return row
+
+
+def host_profile_pass(llm, prompts, params, top: int = 30) -> dict:
+    """One more (untimed) pass under cProfile: the host functions with the most own time and the most
+    cumulative time, as [function, calls, own s, cumulative s] rows."""
+    import cProfile
+    import pstats
+    llm.engine.block_manager.reset_prefix_cache()
+    prof = cProfile.Profile()
+    prof.runcall(llm.generate, prompts, params, use_tqdm=False)
+    stats = pstats.Stats(prof).stats      # {(file, line, name): (prim calls, calls, own s, cumulative s, callers)}
+    rows = [[f"{os.path.basename(f)}:{line}({name})", n, round(tt, 5), round(ct, 5)]
+            for (f, line, name), (_, n, tt, ct, _) in stats.items()]
+    by_own = sorted(rows, key=lambda r: -r[2])[:top]
+    by_cum = sorted(rows, key=lambda r: -r[3])[:top]
+    for r in by_own[:15]:
+        print("host own %-70s %6d %8.4f %8.4f" % tuple(r))
+    return {"by_own_s": by_own, "by_cumulative_s": by_cum}
 
 
 def profile_pass(llm, prompts, params, args) -> dict:
@@ -143,6 +171,11 @@ def main() -> None:
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--no-cascade", action="store_true", help="plain paged decode even where prefixes are shared")
     ap.add_argument("--hf-attn", default="paged|sdpa")
+    ap.add_argument("--host-trace", action="store_true",
+                    help="time the runner's parts, main-thread CPU and GC pauses during the timed pass "
+                         "(scripts/host_trace.py)")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="after the timed pass, run it again under cProfile and record the top host functions")
     ap.add_argument("--profile-prompts", type=int, default=0,
                     help="after the timed pass, run the first N prompts again under jax.profiler and summarize")
     args = ap.parse_args()

@@ -4,6 +4,8 @@
 #   bash scripts/gpu/perf_stage.sh B   # start-up cold/warm through the server, W3 serving, W4 prefix on/off
 #   bash scripts/gpu/perf_stage.sh C   # W6 yaie and HF
 #   bash scripts/gpu/perf_stage.sh K   # GPU kernel tests (cascade included), cascade kernel timings, W4
+#   bash scripts/gpu/perf_stage.sh D   # dispatch check, W4 host profile, start-up with the store / IR dump
+#   bash scripts/gpu/perf_stage.sh D2  # W4 with the host trace, start-up with the store (logs archived)
 #   bash scripts/gpu/perf_stage.sh TP  # issue 8: GPT-2 large at TP sizes $TP_SIZES (2-4 GPU machine)
 set -x
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -63,6 +65,31 @@ S)
   run aot_warm 120 python3 scripts/gpu/aot_check.py --cache-dir /tmp/aot_check
   SERVE="--max-num-seqs 256 --num-decode-steps 4 --max-num-batched-tokens 4096 --gpu-memory-utilization 0.5"
   TAIL=6 run startup 200 python3 scripts/bench_startup.py --runs cold,warm --out $OUT -- $SERVE
+  ;;
+D)
+  # where dispatch time goes: a stand-in step's call with the device idle/busy; W4 with host-time parts and a
+  # cProfile pass; start-up cold/warm with the compiled-program store, then without it dumping the IR
+  wheels || exit 1
+  run dispatch 100 python3 scripts/gpu/dispatch_check.py --out $OUT
+  TAIL=20 run w4 200 python3 scripts/bench_throughput.py --workload W4 --backend yaie --host-profile --out $OUT
+  SERVE="--max-num-seqs 256 --num-decode-steps 4 --max-num-batched-tokens 4096 --gpu-memory-utilization 0.5"
+  mkdir -p $OUT/store $OUT/ir
+  TAIL=6 YAIE_AOT_CACHE=1 run startup_store 130 python3 scripts/bench_startup.py --runs cold,warm \
+      --cache-dir /tmp/yaie_store_cache --out $OUT/store -- $SERVE
+  grep -a -h "compiled-program store\|Symbols not found" $OUT/store/startup_warm.log | head -5
+  TAIL=6 run startup_ir 130 python3 scripts/bench_startup.py --runs cold,warm --dump-ir --out $OUT/ir -- $SERVE
+  ;;
+D2)
+  # W4 with the host trace (runner parts, main-thread CPU, GC) and start-up with the compiled-program store
+  # (server logs kept in one archive: a device call returns a bounded number of files)
+  wheels || exit 1
+  TAIL=12 run w4 260 python3 scripts/bench_throughput.py --workload W4 --backend yaie --host-trace --out $OUT
+  SERVE="--max-num-seqs 256 --num-decode-steps 4 --max-num-batched-tokens 4096 --gpu-memory-utilization 0.5"
+  TAIL=6 YAIE_AOT_CACHE=1 run startup_store 150 python3 scripts/bench_startup.py --runs cold,warm \
+      --cache-dir /tmp/yaie_store_cache --out $OUT/store -- $SERVE
+  grep -a -h -c "Symbols not found" $OUT/store/startup_warm.log
+  grep -a -h "compiled-program store\|start-up" $OUT/store/startup_warm.log | cut -c1-200 | head -20
+  tar czf $OUT/store_logs.tar.gz -C $OUT store && rm -rf $OUT/store/*.log
   ;;
 TP)
   run tp 560 python3 scripts/bench_tp.py --tp ${TP_SIZES:-1,2} --head ${TP_HEADS:-replicated,vocab} --out $OUT
