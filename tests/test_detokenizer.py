@@ -282,6 +282,22 @@ def test_byte_level_streaming_property(stream, skip):
         assert expected.startswith(r)
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=byte_level_streams(), skip=st.booleans(), sp_text=st.lists(TEXT_ALPHABET, max_size=30).map("".join))
+def test_finish_equals_add_then_flush(stream, skip, sp_text):
+    """`finish` (one decode of everything) releases the text that add_tokens + flush release, on both
+    tokenizers, after any number of tokens already added."""
+    for tok, (prompt, out, chunks) in ((byte_bpe(), stream), (sentencepiece_bpe(), (enc(sentencepiece_bpe(), "Once"),
+                                                                                      enc(sentencepiece_bpe(), sp_text),
+                                                                                      stream[2]))):
+        k = min(len(out), chunks[0] * 3)                       # some tokens already added one way or the other
+        a = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip)
+        b = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip)
+        head_a, head_b = a.add_tokens(out[:k]), b.add_tokens(out[:k])
+        assert head_a + a.add_tokens(out[k:]) + a.flush() == head_b + b.finish(out[k:])
+        assert a.text == b.text and b.num_output_tokens == len(out)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pieces=st.lists(st.one_of(st.lists(TEXT_ALPHABET, min_size=1, max_size=6).map("".join),
                                  st.sampled_from(["<s>", "</s>"])), min_size=1, max_size=8),

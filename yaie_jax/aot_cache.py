@@ -26,7 +26,9 @@ mosaic_gpu_launch_kernel"); the entry was dropped and the program compiled again
 faster. Loads after a first Mosaic compile worked and gave the same greedy tokens (scripts/gpu/aot_check.py).
 Cause: a Mosaic GPU custom call JIT-links its kernel against the library named by MOSAIC_GPU_RUNTIME_LIB_PATH,
 which `jax.experimental.mosaic.gpu` sets when imported (lowering a Pallas kernel imports it; loading an executable
-does not). `load` now imports it first on a GPU (`prepare_backend`); not yet measured on the GPU.
+does not). `prepare_backend` sets it; a first version imported it lazily from `load`, where warm-up threads raced
+past the first import and failed the same way (H200, session 5, device call 1): it now runs once, under a lock,
+when the store is created.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import threading
 import time
 from typing import Any, Iterable, Optional
 
@@ -66,25 +69,44 @@ def enabled() -> bool:
 
 
 _backend_prepared = False
+_backend_lock = threading.Lock()
+RUNTIME_LIB_ENV = "MOSAIC_GPU_RUNTIME_LIB_PATH"
 
 
 def prepare_backend() -> None:
-    """What a process must have done before it can load a stored program that it did not lower itself. On a GPU:
-    import `jax.experimental.mosaic.gpu`, which points the Mosaic GPU custom call at its runtime library
-    (MOSAIC_GPU_RUNTIME_LIB_PATH); without it a program holding Mosaic kernels fails to load with
-    "Symbols not found: mosaic_gpu_init_tma_desc, mosaic_gpu_launch_kernel"."""
+    """What a process must have done before it can load a stored program that it did not lower itself (once;
+    threads calling it meanwhile wait until it is done). On a GPU: point the Mosaic GPU custom call at its runtime
+    library (MOSAIC_GPU_RUNTIME_LIB_PATH, which importing `jax.experimental.mosaic.gpu` sets): loading a program
+    JIT-links each kernel's host code, and without the library the link fails ("Symbols not found:
+    mosaic_gpu_init_tma_desc, mosaic_gpu_launch_kernel"). A Mosaic compile in the process sets it too, which is
+    why loads after one worked (H200, jax 0.11.2) and loads racing the first import did not."""
     global _backend_prepared
-    if _backend_prepared:
-        return
-    _backend_prepared = True
-    import jax
-    if jax.default_backend() != "gpu":
-        return
+    with _backend_lock:
+        if _backend_prepared:
+            return
+        import jax
+        if jax.default_backend() == "gpu":
+            try:
+                import jax.experimental.mosaic.gpu  # noqa: F401  (sets MOSAIC_GPU_RUNTIME_LIB_PATH)
+            except Exception as e:  # no Mosaic GPU in this jaxlib: programs without Mosaic kernels still load
+                logger.info("compiled-program store: jax.experimental.mosaic.gpu not importable (%s: %s)",
+                            type(e).__name__, e)
+            if not os.environ.get(RUNTIME_LIB_ENV):
+                lib = _mosaic_runtime_lib()
+                if lib:
+                    os.environ[RUNTIME_LIB_ENV] = lib
+            logger.info("compiled-program store: %s=%s", RUNTIME_LIB_ENV, os.environ.get(RUNTIME_LIB_ENV))
+        _backend_prepared = True
+
+
+def _mosaic_runtime_lib() -> Optional[str]:
+    """The Mosaic GPU runtime library beside jaxlib's Mosaic GPU extension, or None."""
     try:
-        import jax.experimental.mosaic.gpu  # noqa: F401  (sets MOSAIC_GPU_RUNTIME_LIB_PATH)
-    except Exception as e:  # no Mosaic GPU in this jaxlib: programs without Mosaic kernels still load
-        logger.info("compiled-program store: jax.experimental.mosaic.gpu not importable (%s: %s)",
-                    type(e).__name__, e)
+        from jax._src.lib import mosaic_gpu as mosaic_gpu_lib
+        path = os.path.join(os.path.dirname(mosaic_gpu_lib._mosaic_gpu_ext.__file__), "libmosaic_gpu_runtime.so")
+    except Exception:
+        return None
+    return path if os.path.exists(path) else None
 
 
 def _no_addresses(text: str) -> str:
@@ -134,7 +156,8 @@ def tree_signature(tree) -> list:
     sig = [str(treedef)]
     for x in leaves:
         sharding = getattr(x, "sharding", None)
-        sig.append([list(np.shape(x)), str(getattr(x, "dtype", np.asarray(x).dtype)),
+        dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype    # (never copies a device array)
+        sig.append([list(np.shape(x)), str(dtype),
                     _no_addresses(str(sharding)) if sharding is not None else None])
     return sig
 
@@ -180,6 +203,7 @@ class ExecutableStore:
             logger.warning("compiled-program store off: cannot fingerprint the runner (%s: %s)",
                            type(e).__name__, e)
             return None
+        prepare_backend()      # now, on the thread building the engine, before warm-up threads load programs
         return cls(os.path.join(os.path.expanduser(str(cache_dir)), SUBDIR), fp)
 
     # ------------------------------------------------------------------------------------------------ entries

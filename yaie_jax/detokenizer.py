@@ -268,3 +268,17 @@ class IncrementalDetokenizer:
         if not self.stopped:
             self._add_text(self._decode_new(force=True))
         return self._release(final=True)
+
+    def finish(self, token_ids: Sequence[int]) -> str:
+        """`add_tokens(token_ids)` then `flush()`, for a sequence whose text nobody read while it grew: without
+        stop strings the window (context + every token) is decoded once, rather than every BULK_TOKENS tokens
+        with the window moving up. Returns all text released by the call."""
+        if self.stop or self.stopped:
+            return self.add_tokens(token_ids) + self.flush()
+        ids = [int(t) for t in token_ids]
+        self._tokens.extend(ids)
+        self._num_output_tokens += len(ids)
+        window_text = self._decode(self._tokens[self._window:])
+        self._add_text(window_text[self._done:])
+        self._done = len(window_text)
+        return self._release(final=True)

@@ -7,6 +7,7 @@ conditions and frees finished sequences' memory (their computed blocks go to the
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import itertools
 import logging
 import os
@@ -122,8 +123,16 @@ class LLMEngine:
         from .tokenizer import load_tokenizer
         source = resolve_model_source(config.model)
         self.model_source = source
-        self.model = load_model(source, dtype=config.dtype)
-        self.tokenizer = load_tokenizer(config.tokenizer or source)
+        # the tokenizer loads in a thread while the weights load and go to the device (its imports take
+        # seconds of a server start-up; the weights' reads and copies mostly run without the GIL)
+        tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="yaie-tokenizer")
+        tokenizer_future = tokenizer_pool.submit(load_tokenizer, config.tokenizer or source)
+        tokenizer_pool.shutdown(wait=False)
+        try:
+            self.model = load_model(source, dtype=config.dtype)
+        except BaseException:
+            tokenizer_future.cancel()
+            raise
         self.model_config = self.model.config
         max_pos = self.model_config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > max_pos:
@@ -141,6 +150,7 @@ class LLMEngine:
             placement = {}
         self.runner = ModelRunner(self.model, config, self.max_model_len, num_gpu_blocks=config.num_gpu_blocks,
                                   **placement)
+        self.tokenizer = tokenizer_future.result()
         self.block_manager = BlockManager(self.runner.num_gpu_blocks, config.block_size, config.num_cpu_blocks,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
@@ -150,8 +160,8 @@ class LLMEngine:
         self._step_counter = 0
         self._inflight: Optional[_InFlight] = None        # a dispatched fused decode call not yet read back
         self._last_pipelined_t: Optional[float] = None
-        # host seconds per phase of step() (schedule, sampling_batch, dispatch, wait_device, process): where the
-        # host's time goes; wait_device near 0 means the device waits on the host
+        # host seconds per phase of step() (schedule, sampling_batch, dispatch, commit, wait_device, process):
+        # where the host's time goes; wait_device near 0 means the device waits on the host
         self.host_time_s: Dict[str, float] = collections.defaultdict(float)
         self._num_pipelined_calls = 0                     # fused calls dispatched before the previous was read
         # pipelining needs the previous call's tokens on this process's devices: single-process only
@@ -291,9 +301,10 @@ class LLMEngine:
         prev_tokens = (prev.result.token_ids, prev.rows) if prev is not None else None
         t1 = time.perf_counter()
         result = self.runner.dispatch(out, sbatch, flags, prev_tokens=prev_tokens)
+        t2 = time.perf_counter()
         self._step_counter += 1
         self.scheduler.commit_step(out)
-        t2 = time.perf_counter()
+        self.host_time_s["commit"] += time.perf_counter() - t2
         self.host_time_s["sampling_batch"] += t1 - t0
         self.host_time_s["dispatch"] += t2 - t1
         return _InFlight(out, result, {s.seq.seq_id: i for i, s in enumerate(rows)})
@@ -326,23 +337,25 @@ class LLMEngine:
         now = time.monotonic()
         K = out.num_steps
         tokens = result.token_ids.tolist()                 # [S] or [num_steps, S]
+        rows = result.token_ids.T.tolist() if K > 1 else None   # [S][num_steps]
         views = [result] if K == 1 else [_StepView(result, j) for j in range(K)]
         for i, s in enumerate(out.scheduled):
             seq = s.seq
             req = seq.request
             if not s.sample or seq.status is not SeqStatus.RUNNING:
                 continue
-            for j in range(K):
-                token = tokens[i] if K == 1 else tokens[j][i]
-                self._append_token(seq, token, views[j], i)
-                if req.first_token_time is None:
-                    req.first_token_time = now
-                if seq.num_output_tokens == 1 and self.config.enable_prefix_caching:
-                    # the prompt is computed: share it with requests admitted from now on
-                    self.block_manager.cache_sequence(seq.seq_id, seq.token_ids[:seq.num_computed_tokens])
-                self._check_stop(seq)
-                if seq.status is not SeqStatus.RUNNING:
-                    break       # tokens sampled after a stop in a fused multi-step call are dropped
+            if rows is None or not self._append_row(seq, rows[i], now):
+                for j in range(K):
+                    token = tokens[i] if K == 1 else tokens[j][i]
+                    self._append_token(seq, token, views[j], i)
+                    if req.first_token_time is None:
+                        req.first_token_time = now
+                    if seq.num_output_tokens == 1 and self.config.enable_prefix_caching:
+                        # the prompt is computed: share it with requests admitted from now on
+                        self.block_manager.cache_sequence(seq.seq_id, seq.token_ids[:seq.num_computed_tokens])
+                    self._check_stop(seq)
+                    if seq.status is not SeqStatus.RUNNING:
+                        break       # tokens sampled after a stop in a fused multi-step call are dropped
             if req.finished:
                 finished_now[req.request_id] = req
             elif req.stream:
@@ -355,6 +368,40 @@ class LLMEngine:
             outputs.append(self._make_output(req))
             self.scheduler.pop_finished(req)
         return outputs
+
+    def _append_row(self, seq: Sequence, row: List[int], now: float) -> bool:
+        """The tokens of one sequence from a fused call, appended in one go; the same result as appending them one
+        at a time (`_append_token` + `_check_stop`), for a sequence that needs nothing per token (no logprobs, no
+        incremental text: not streamed, no stop strings). False (nothing done) for any other sequence."""
+        req = seq.request
+        p = req.params
+        if seq.logprobs is not None or seq.detokenizer is not None or req.stream or p.stop:
+            return False
+        n0 = seq.num_output_tokens
+        limit = min(len(row), req.max_tokens - n0, self.max_model_len - len(seq.token_ids))   # to a length stop
+        if limit < 1:
+            return False
+        stop_ids = p.stop_token_ids
+        take, stop_token = limit, None
+        if stop_ids or not p.ignore_eos:
+            for j in range(max(0, p.min_tokens - n0 - 1), limit):      # a stop token counts from min_tokens on
+                t = row[j]
+                if t in stop_ids or (not p.ignore_eos and t in self.eos_token_ids):
+                    take, stop_token = j + 1, t
+                    break
+        seq.token_ids.extend(row[:take])
+        seq.rng_counter += take
+        if req.first_token_time is None:
+            req.first_token_time = now
+        if n0 == 0 and self.config.enable_prefix_caching:
+            # the prompt is computed: share it with requests admitted from now on
+            self.block_manager.cache_sequence(seq.seq_id, seq.token_ids[:seq.num_computed_tokens])
+        if stop_token is not None:
+            seq.text_excludes_last = True          # the stop token itself is not part of the text
+            self.scheduler.finish_seq(seq, "stop", stop_reason=stop_token if stop_token in stop_ids else None)
+        elif n0 + take >= req.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            self.scheduler.finish_seq(seq, "length")
+        return True
 
     def _append_token(self, seq: Sequence, token: int, result, row: int) -> None:
         seq.token_ids.append(token)
@@ -414,7 +461,13 @@ class LLMEngine:
                 self.tokenizer, seq.token_ids[:seq.num_prompt_tokens], skip_special_tokens=p.skip_special_tokens,
                 stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
             seq.detok_fed = 0
-            self._feed_detok(seq, exclude_last=getattr(seq, "text_excludes_last", False))
+            if seq.is_finished():          # all tokens at once: one decode (add + flush)
+                end = len(seq.token_ids) - (1 if getattr(seq, "text_excludes_last", False) else 0)
+                seq.detokenizer.finish(seq.token_ids[seq.num_prompt_tokens:end])
+                seq.detok_fed = end - seq.num_prompt_tokens
+                seq.detok_flushed = True
+            else:
+                self._feed_detok(seq, exclude_last=getattr(seq, "text_excludes_last", False))
         if seq.is_finished() and not getattr(seq, "detok_flushed", False):
             seq.detokenizer.flush()
             seq.detok_flushed = True
@@ -452,6 +505,7 @@ class LLMEngine:
         stats["num_steps"] = self._step_counter
         stats["num_pipelined_calls"] = self._num_pipelined_calls
         stats["host_time_s"] = dict(self.host_time_s)
+        stats["host_time_s"].update({f"dispatch.{k}": v for k, v in self.runner.host_time_s.items()})
         log = list(self.runner.compile_log)
         stats["num_compiled_programs"] = len(log)
         stats["compile_s"] = {"trace_lower": sum(e[4] for e in log), "compile": sum(e[5] for e in log)}

@@ -125,6 +125,9 @@ class ModelRunner:
         self.cascade_enabled = (config.cascade_attention and self.attention_backend == "pallas"
                                 and self.cascade_group <= 32)
         self.num_cascade_calls = 0          # decode calls that carried a cascade plan
+        # host seconds in `dispatch` by part (prepare_inputs: host arrays and cascade plan; launch: the
+        # compiled program's call, host-to-device copies of the inputs included); the engine reports them
+        self.host_time_s: Dict[str, float] = {"prepare_inputs": 0.0, "launch": 0.0}
         # compiled programs of earlier processes with the same fingerprint (None: off, see aot_cache.for_runner)
         self._aot_store = aot_cache.ExecutableStore.for_runner(self)
 
@@ -338,7 +341,9 @@ class ModelRunner:
             self.swap_in(out.swap_in)
         if out.block_copies:
             self.copy_blocks(out.block_copies)
+        t0 = time.perf_counter()
         batch, decode, S = self.prepare_inputs(out, tokens_on_device=prev_tokens is not None)
+        self.host_time_s["prepare_inputs"] += time.perf_counter() - t0
         if out.num_steps == 1:
             return self.run_program("decode" if decode else "prefill", batch, sampling_batch, flags)
         K = out.num_steps
@@ -360,7 +365,9 @@ class ModelRunner:
         """Run one compiled step program ("decode" | "prefill" | "multi") on padded inputs, updating the KV pool
         in place (donated). The one place the engine's steps reach the device. Returns device arrays."""
         fn = self.compiled(kind, batch, sbatch, flags, num_steps)
+        t0 = time.perf_counter()
         result, self.kv_caches = fn(self.params, self.kv_caches, batch, sbatch)
+        self.host_time_s["launch"] += time.perf_counter() - t0
         self._last_step_t = time.monotonic()
         return result
 

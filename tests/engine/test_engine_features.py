@@ -71,6 +71,30 @@ def test_pipelined_fused_decode_equals_single_steps_with_ragged_ends(gpt2_dir, l
     assert fused.engine.block_manager.num_free_gpu_blocks == fused.engine.runner.num_gpu_blocks
 
 
+def test_fused_rows_match_single_steps_on_stops_and_text(gpt2_dir, llm):
+    """Fused calls append each sequence's tokens in one go (`_append_row`): the same tokens, finish and stop
+    reasons and text as one step at a time, with min_tokens deferring a stop token, a stop token without it, and
+    length stops inside a call."""
+    rng = np.random.default_rng()
+    prompts = [rand_prompt(rng) for _ in range(4)]
+    free = [o.outputs[0].token_ids for o in llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)]
+    params = [SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[free[0][2]], min_tokens=6),
+              SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[free[1][5]]),
+              SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=13, ignore_eos=True, stop_token_ids=[free[3][0]],
+                             min_tokens=13)]
+    ref = llm.generate(prompts, params, use_tqdm=False)
+    fused = LLM(gpt2_dir, num_decode_steps=4, **BASE)
+    got = fused.generate(prompts, params, use_tqdm=False)
+    for x, y in zip(ref, got):
+        a, b = x.outputs[0], y.outputs[0]
+        assert (b.token_ids, b.finish_reason, b.stop_reason, b.text) == (a.token_ids, a.finish_reason,
+                                                                          a.stop_reason, a.text)
+    assert got[1].outputs[0].finish_reason == "stop" and got[2].outputs[0].finish_reason == "length"
+    assert fused.get_stats()["num_pipelined_calls"] > 0
+
+
 def test_sampled_tokens_respect_top_k(llm, gpt2_dir):
     rng = np.random.default_rng()
     prompt = rand_prompt(rng, 8)
