@@ -7,8 +7,9 @@
 For the pass: wall and main-thread CPU seconds (CPU well below wall in a host-bound loop = the thread waits:
 on the device, on the GIL, or on a blocking call), garbage-collector pauses by generation, the threads alive,
 step programs compiled during the pass, and wall/CPU seconds of the runner's parts (`prepare_inputs`, the
-compiled-program lookup, the program call, the fused-call input gather) and of the engine's device reads, and a
-timeline of the device calls (when each was dispatched and read back, its rows, tokens and fused steps).
+compiled-program lookup, the program call, the cascade plan, the sampling batch), of the scheduler's and the
+engine's phases and of the engine's device reads, and a timeline of the device calls (when each was dispatched and
+read back, its rows, tokens and fused steps, and the parts' milliseconds inside its dispatch).
 Benchmark-only: it wraps methods of one engine instance and restores them on exit.
 """
 from __future__ import annotations
@@ -56,7 +57,14 @@ class HostTrace:
     def __enter__(self):
         runner = self.engine.runner
         self._wrap(runner, "prepare_inputs", "runner.prepare_inputs")
-        self._wrap(runner, "_last_tokens_fn", "runner.last_tokens")
+        self._wrap(runner, "cascade_plan", "runner.cascade_plan")
+        self._wrap(self.engine.scheduler, "schedule", "scheduler.schedule")
+        self._wrap(self.engine.scheduler, "schedule_continuation", "scheduler.schedule_continuation")
+        self._wrap(self.engine.scheduler, "commit_step", "scheduler.commit_step")
+        self._wrap(self.engine, "_process", "engine.process")
+        self._wrap(self.engine, "_outputs", "engine.outputs")
+        from yaie_jax import sampling
+        self._wrap(sampling, "build_sampling_batch", "sampling.build_sampling_batch")
         self._wrap(self.engine, "_fetch", "engine.fetch (device read)")
         dispatch = self.engine._dispatch
         self.timeline = []                    # one row per device call: what it held, when it was dispatched/read
@@ -64,11 +72,14 @@ class HostTrace:
 
         def dispatch_logged(out, *args, **kwargs):
             t0 = time.perf_counter() - self._w0
+            before = {k: v[1] for k, v in self.parts.items()}
             inflight = dispatch(out, *args, **kwargs)
+            parts_ms = {k: round(1e3 * (v[1] - before.get(k, 0.0)), 2) for k, v in self.parts.items()
+                        if v[1] > before.get(k, 0.0)}
             self.timeline.append({"dispatch_ms": round(1e3 * t0, 2),
                                   "dispatched_ms": round(1e3 * (time.perf_counter() - self._w0), 2),
                                   "rows": len(out.scheduled), "tokens": out.num_batched_tokens,
-                                  "steps": out.num_steps, "decode": out.is_decode_only})
+                                  "steps": out.num_steps, "decode": out.is_decode_only, "parts_ms": parts_ms})
             self._rows[id(out)] = len(self.timeline) - 1
             return inflight
         fetch = self.engine._fetch

@@ -22,7 +22,7 @@ ENGINE = dict(dtype="float32", attention_backend="xla", warmup=False, compile_ca
 
 @pytest.fixture(autouse=True)
 def _store_on(monkeypatch):
-    monkeypatch.setenv("YAIE_AOT_CACHE", "1")          # off by default (see yaie_jax/aot_cache.py)
+    monkeypatch.setenv("YAIE_AOT_CACHE", "1")          # (on by default; set in case the environment has it off)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,9 @@ def test_saved_program_loads_and_computes_the_same(engine, tmp_path):
         runner.kv_caches = [(jax.device_put(k), jax.device_put(v)) for k, v in kv0]
         res_b, kv_b = loaded(runner.params, runner.kv_caches, batch, sbatch)
         runner.kv_caches = kv_b
+        if kind == "multi":            # (SampleResult, last tokens [S_max])
+            np.testing.assert_array_equal(np.asarray(res_a[1]), np.asarray(res_b[1]))
+            res_a, res_b = res_a[0], res_b[0]
         np.testing.assert_array_equal(np.asarray(res_a.token_ids), np.asarray(res_b.token_ids))
         np.testing.assert_allclose(np.asarray(res_a.sampled_logprob), np.asarray(res_b.sampled_logprob))
         for (ka, va), (kb, vb) in zip(kv_a, kv_b):
@@ -108,8 +111,10 @@ def test_off_switches(engine, tmp_path, monkeypatch):
     assert ExecutableStore.for_runner(engine.runner) is None                 # no compile_cache_dir
     monkeypatch.setenv("YAIE_AOT_CACHE", "0")
     assert ExecutableStore.for_runner(engine.runner, cache_dir=str(tmp_path)) is None
-    monkeypatch.delenv("YAIE_AOT_CACHE")                                     # off unless asked for
+    monkeypatch.setenv("YAIE_AOT_CACHE", "off")
     assert ExecutableStore.for_runner(engine.runner, cache_dir=str(tmp_path)) is None
+    monkeypatch.delenv("YAIE_AOT_CACHE")                                     # on unless turned off
+    assert ExecutableStore.for_runner(engine.runner, cache_dir=str(tmp_path)) is not None
 
 
 def test_fingerprint_is_the_same_in_two_processes(model_dir, tmp_path):

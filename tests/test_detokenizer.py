@@ -163,6 +163,30 @@ def test_flush_releases_an_unfinished_character():
     assert det.flush() == ""
 
 
+@pytest.mark.parametrize("make", [byte_bpe, sentencepiece_bpe])
+def test_decoder_of_equals_tokenizer_decode(make):
+    """The direct Rust decode gives tokenizer.decode's text for any ids, specials kept or skipped; a tokenizer
+    that cleans up spaces keeps transformers' decode."""
+    import random
+    tok = make()
+    fn = detok_mod.decoder_of(tok)
+    assert fn is detok_mod.decoder_of(tok)
+    rng = random.Random()
+    for _ in range(200):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(0, 12))]
+        for skip in (False, True):
+            assert fn(ids, skip) == tok.decode(ids, skip_special_tokens=skip)
+
+    class Cleaning:
+        clean_up_tokenization_spaces = True
+        is_fast = True
+        backend_tokenizer = tok.backend_tokenizer
+
+        def decode(self, ids, skip_special_tokens=False):
+            return "via transformers"
+    assert detok_mod.decoder_of(Cleaning())([1, 2], False) == "via transformers"
+
+
 def test_decode_token():
     bb, sp = byte_bpe(), sentencepiece_bpe()
     eot = bb.convert_tokens_to_ids(SPECIALS[0])

@@ -19,16 +19,15 @@ runner's own key (kind, sampling flags, fused steps, input shapes). A loaded pro
 shapes and dtypes on every call (jax.stages.Compiled). Entries are pickles: load them only from a directory you
 trust, as JAX's own cache.
 
-Off by default: set YAIE_AOT_CACHE=1 to turn the store on. Multi-process (jax.distributed) runs never use it.
-Why off: on the GPU (H200, jax 0.11.2) a program holding Mosaic GPU kernels could not be loaded in a process that
-had not yet compiled a Mosaic kernel itself ("Symbols not found: mosaic_gpu_init_tma_desc,
-mosaic_gpu_launch_kernel"); the entry was dropped and the program compiled again, so a warm server start got no
-faster. Loads after a first Mosaic compile worked and gave the same greedy tokens (scripts/gpu/aot_check.py).
-Cause: a Mosaic GPU custom call JIT-links its kernel against the library named by MOSAIC_GPU_RUNTIME_LIB_PATH,
-which `jax.experimental.mosaic.gpu` sets when imported (lowering a Pallas kernel imports it; loading an executable
-does not). `prepare_backend` sets it; a first version imported it lazily from `load`, where warm-up threads raced
-past the first import and failed the same way (H200, session 5, device call 1): it now runs once, under a lock,
-when the store is created.
+On by default wherever the engine has a compile cache directory; YAIE_AOT_CACHE=0 turns it off. Multi-process
+(jax.distributed) runs never use it. On the GPU (H200, jax 0.11.2) a warm server start with it took 9.7 s to the
+first answer, against 19.7 s with JAX's persistent cache alone (bench/NOTES.md §12).
+History: at first a program holding Mosaic GPU kernels could not be loaded in a process that had not yet compiled
+a Mosaic kernel itself ("Symbols not found: mosaic_gpu_init_tma_desc, mosaic_gpu_launch_kernel"). A Mosaic GPU
+custom call JIT-links its kernel's host code against the library named by MOSAIC_GPU_RUNTIME_LIB_PATH, which
+importing `jax.experimental.mosaic.gpu` sets (lowering a Pallas kernel imports it; loading an executable does
+not). `prepare_backend` sets it once, under a lock, when the store is made (a first fix imported it lazily from
+`load`, and warm-up threads raced past that import and failed the same way).
 """
 from __future__ import annotations
 
@@ -65,7 +64,8 @@ PACKAGES = ("yaie_jax", "pallas_kernels")
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+    """On unless YAIE_AOT_CACHE is 0 / false / no / off."""
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off", "")
 
 
 _backend_prepared = False

@@ -27,7 +27,7 @@ character scan finds, so it does not depend on how the text is split into tokens
 from __future__ import annotations
 
 import weakref
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 REPLACEMENT = "\ufffd"
 CONTEXT_TOKENS = 5        # tokens of context before the new text (prompt tail at first), for spacing
@@ -74,6 +74,33 @@ def decode_token(tokenizer, token_id: int) -> str:
     return text
 
 
+_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()    # tokenizer -> decode function
+
+
+def decoder_of(tokenizer) -> Callable[[List[int], bool], str]:
+    """decode(ids, skip_special_tokens) -> text, equal to `tokenizer.decode(ids, skip_special_tokens=...)` for a
+    list of ints. For a `tokenizers`-backed tokenizer that does no clean-up of the text (clean_up_tokenization_
+    spaces off, as for GPT-2 and Llama tokenizers in transformers 5) that is the Rust decode alone, called
+    directly: transformers' wrapper around it spends most of a short decode converting and checking the ids."""
+    try:
+        return _DECODERS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "decode") and getattr(tokenizer, "is_fast", False) \
+            and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
+        def fn(ids, skip_special_tokens):
+            return backend.decode(ids, skip_special_tokens=skip_special_tokens)
+    else:
+        def fn(ids, skip_special_tokens):
+            return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    try:
+        _DECODERS[tokenizer] = fn
+    except TypeError:                                 # not weak-referenceable / hashable: no cache
+        pass
+    return fn
+
+
 def _trailing_replacements(s: str) -> int:
     return len(s) - len(s.rstrip(REPLACEMENT))
 
@@ -96,6 +123,7 @@ class IncrementalDetokenizer:
                  stop: Optional[Sequence[str]] = None, include_stop_str_in_output: bool = False,
                  min_tokens: int = 0):
         self.tokenizer = tokenizer
+        self._decode_fn = decoder_of(tokenizer)
         self.skip_special_tokens = skip_special_tokens
         if isinstance(stop, str):
             stop = [stop]
@@ -138,7 +166,7 @@ class IncrementalDetokenizer:
         return self._num_output_tokens
 
     def _decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self._decode_fn(ids, self.skip_special_tokens)
 
     # ------------------------------------------------------------------ decoding
     def _set_context(self, tail: List[int]) -> None:
@@ -275,7 +303,7 @@ class IncrementalDetokenizer:
         with the window moving up. Returns all text released by the call."""
         if self.stop or self.stopped:
             return self.add_tokens(token_ids) + self.flush()
-        ids = [int(t) for t in token_ids]
+        ids = list(token_ids)          # (ints or anything with __index__: the Rust decode takes either)
         self._tokens.extend(ids)
         self._num_output_tokens += len(ids)
         window_text = self._decode(self._tokens[self._window:])

@@ -204,11 +204,19 @@ class LLMEngine:
                 text = None
         else:
             text = prompt if isinstance(prompt, str) else None
-        prompt_token_ids = [int(t) for t in prompt_token_ids]
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty")
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        ids = np.asarray(prompt_token_ids) if not isinstance(prompt_token_ids, np.ndarray) else prompt_token_ids
+        if ids.ndim == 1 and ids.dtype.kind in "iu":       # integers already (the common case): vectorized checks
+            if not ids.size:
+                raise ValueError("the prompt is empty")
+            if ids.min() < 0 or ids.max() >= self.vocab_size:
+                raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+            prompt_token_ids = ids.tolist()
+        else:
+            prompt_token_ids = [int(t) for t in prompt_token_ids]
+            if not prompt_token_ids:
+                raise ValueError("the prompt is empty")
+            if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
+                raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         n_prompt = len(prompt_token_ids)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n_prompt
         if n_prompt + max_tokens > self.max_model_len or max_tokens < 1:
@@ -298,7 +306,7 @@ class LLMEngine:
             [(s.seq, s.seq.request.params) for s in rows], pad_to=self.runner.padded_num_seqs(out),
             eos_token_ids=self.eos_token_ids, engine_seed=self.config.seed, vocab_size=self.vocab_size,
             num_steps=out.num_steps, step_offset=pending)
-        prev_tokens = (prev.result.token_ids, prev.rows) if prev is not None else None
+        prev_tokens = (prev.last_tokens, prev.rows) if prev is not None else None
         t1 = time.perf_counter()
         result = self.runner.dispatch(out, sbatch, flags, prev_tokens=prev_tokens)
         t2 = time.perf_counter()
@@ -307,7 +315,8 @@ class LLMEngine:
         self.host_time_s["commit"] += time.perf_counter() - t2
         self.host_time_s["sampling_batch"] += t1 - t0
         self.host_time_s["dispatch"] += t2 - t1
-        return _InFlight(out, result, {s.seq.seq_id: i for i, s in enumerate(rows)})
+        last = self.runner.last_fused_tokens if out.num_steps > 1 else None
+        return _InFlight(out, result, {s.seq.seq_id: i for i, s in enumerate(rows)}, last)
 
     def _step_pipelined(self, timed_out: Iterable[Request] = ()) -> List[RequestOutput]:
         """Dispatch the continuation of the fused call in flight (if the scheduler has one), then read back and
@@ -523,6 +532,7 @@ class _InFlight(NamedTuple):
     out: SchedulerOutput
     result: "sampling.SampleResult"       # device arrays, possibly not computed yet
     rows: Dict[int, int]                  # seq_id -> its row in the call
+    last_tokens: Optional[jax.Array] = None   # a fused call's last tokens [S_max] (device), for the next call
 
 
 class _StepView:

@@ -108,7 +108,9 @@ class ModelRunner:
         self._copy_fn = jax.jit(_copy_blocks, donate_argnums=(0,))
         self._write_blocks_fn = jax.jit(_write_blocks, donate_argnums=(0,))
         self._read_blocks_fn = jax.jit(_read_blocks)
-        self._last_tokens_fn = jax.jit(lambda ids, rows: ids[-1][rows])   # [K, S_prev], [S] -> [S]
+        # a fused decode call's last sampled tokens, padded to the largest decode bucket: the next fused call (sent
+        # before these are read back) takes its input tokens from them on the device; see `_multi_step_impl`
+        self.last_fused_tokens = None
         self.compile_log: List[tuple] = []  # one entry per compiled program (see `compiled`)
         self._compiled: dict = {}        # (kind, flags, num_steps, input shapes) -> compiled executable
         self._compile_lock = threading.Lock()
@@ -186,11 +188,16 @@ class ModelRunner:
     def _multi_step_impl(self, params, kv_caches, batch, sbatch, *, flags, num_steps: int):
         """`num_steps` decode steps in one device call: each step's sampled tokens are the next step's inputs.
         batch: input_ids/positions/context_lens [S] for the first step, slots [num_steps, S], block_tables,
-        optionally a cascade plan (the shared prefixes stay the same over the call's steps).
-        sbatch: the sampling batch of every step stacked on a leading [num_steps] axis.
-        Returns SampleResult fields stacked on a leading [num_steps] axis."""
+        prev_last [S_max] (the previous fused call's last tokens, padded) and prev_rows [S] (each row's place in
+        prev_last, -1: its input token is input_ids'), optionally a cascade plan (the shared prefixes stay the same
+        over the call's steps). sbatch: the sampling batch of every step stacked on a leading [num_steps] axis.
+        Returns (SampleResult fields stacked on a leading [num_steps] axis, the last step's tokens padded to
+        [S_max]) and the KV pool."""
         S = batch["input_ids"].shape[0]
         live = batch["context_lens"] > 0                                   # padding rows stay inert
+        prev_rows = batch["prev_rows"]
+        first_tokens = jnp.where(prev_rows >= 0, batch["prev_last"][jnp.maximum(prev_rows, 0)],
+                                 batch["input_ids"])                       # [S]
 
         def body(j, carry):
             kv, tokens, acc = carry
@@ -210,8 +217,9 @@ class ModelRunner:
         proto = jax.eval_shape(lambda: sampling.sample(jnp.zeros((S, self.mc.vocab_size), jnp.float32), first,
                                                        flags=flags))
         acc = jax.tree_util.tree_map(lambda x: jnp.zeros((num_steps,) + x.shape, x.dtype), proto)
-        kv, _, acc = jax.lax.fori_loop(0, num_steps, body, (kv_caches, batch["input_ids"], acc))
-        return acc, kv
+        kv, last, acc = jax.lax.fori_loop(0, num_steps, body, (kv_caches, first_tokens, acc))
+        last_padded = jnp.zeros(batch["prev_last"].shape, last.dtype).at[:S].set(last)   # [S_max]
+        return (acc, last_padded), kv
 
     def padded_shape(self, out: SchedulerOutput) -> Tuple[int, int]:
         """(S, T): the padded row and token counts of a step, decided once per step (cached on `out`).
@@ -332,9 +340,10 @@ class ModelRunner:
         without waiting for them (JAX dispatches asynchronously).
 
         prev_tokens: for a fused decode call scheduled while the previous one is in flight
-        (`Scheduler.schedule_continuation`): (token_ids [num_steps_prev, S_prev] of that call, on the device,
-        {seq_id: its row there}). Each row's input token is then taken on the device from the previous call's last
-        step, so the host never waits for it."""
+        (`Scheduler.schedule_continuation`): (that call's `last_fused_tokens` [S_max], on the device, {seq_id: its
+        row there}). Each row's input token is then taken on the device from the previous call's last step (inside
+        the program: no separate device call), so the host never waits for it. After a fused call,
+        `last_fused_tokens` holds its own."""
         if out.swap_out:
             self.swap_out(out.swap_out)
         if out.swap_in:
@@ -354,11 +363,14 @@ class ModelRunner:
                       context_lens=batch["context_lens"], block_tables=batch["block_tables"], slots=slots)
         if "cascade" in batch:
             mbatch["cascade"] = batch["cascade"]
+        prev_rows = np.full(S, -1, np.int32)                       # [S] row in the previous call, -1: input_ids
         if prev_tokens is not None:
-            prev_ids, prev_row = prev_tokens
-            rows = np.zeros(S, np.int32)                           # [S] row of each sequence in the previous call
-            rows[:len(out.scheduled)] = [prev_row[s.seq.seq_id] for s in out.scheduled]
-            mbatch["input_ids"] = self._last_tokens_fn(prev_ids, rows)
+            prev_last, prev_row = prev_tokens
+            prev_rows[:len(out.scheduled)] = [prev_row[s.seq.seq_id] for s in out.scheduled]
+            mbatch["prev_last"] = prev_last
+        else:
+            mbatch["prev_last"] = np.zeros(self.seq_buckets_decode[-1], np.int32)    # [S_max], unused
+        mbatch["prev_rows"] = prev_rows
         return self.run_program("multi", mbatch, sampling_batch, flags, K)
 
     def run_program(self, kind: str, batch, sbatch, flags, num_steps: int = 1):
@@ -369,6 +381,8 @@ class ModelRunner:
         result, self.kv_caches = fn(self.params, self.kv_caches, batch, sbatch)
         self.host_time_s["launch"] += time.perf_counter() - t0
         self._last_step_t = time.monotonic()
+        if kind == "multi":
+            result, self.last_fused_tokens = result
         return result
 
     # ------------------------------------------------------------------ compiled programs
@@ -484,7 +498,8 @@ class ModelRunner:
         if kind == "multi":
             batch = dict(input_ids=batch["input_ids"], positions=batch["positions"],
                          context_lens=batch["context_lens"], block_tables=batch["block_tables"],
-                         slots=np.full((K, S), -1, np.int32))
+                         slots=np.full((K, S), -1, np.int32), prev_rows=np.full(S, -1, np.int32),
+                         prev_last=np.zeros(self.seq_buckets_decode[-1], np.int32))
         if variant == "cascade":
             batch["cascade"] = cascade.empty_plan(S, self.max_blocks_per_seq, max_items=cascade.max_items(S),
                                                   members_per_item=cascade.members_per_item(self.cascade_group))

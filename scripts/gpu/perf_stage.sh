@@ -6,6 +6,7 @@
 #   bash scripts/gpu/perf_stage.sh K   # GPU kernel tests (cascade included), cascade kernel timings, W4
 #   bash scripts/gpu/perf_stage.sh D   # dispatch check, W4 host profile, start-up with the store / IR dump
 #   bash scripts/gpu/perf_stage.sh D2  # W4 with the host trace, start-up with the store (logs archived)
+#   bash scripts/gpu/perf_stage.sh F   # W4 (host trace), start-up cold/warm, W3 serving (logs archived)
 #   bash scripts/gpu/perf_stage.sh TP  # issue 8: GPT-2 large at TP sizes $TP_SIZES (2-4 GPU machine)
 set -x
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -90,6 +91,20 @@ D2)
   grep -a -h -c "Symbols not found" $OUT/store/startup_warm.log
   grep -a -h "compiled-program store\|start-up" $OUT/store/startup_warm.log | cut -c1-200 | head -20
   tar czf $OUT/store_logs.tar.gz -C $OUT store && rm -rf $OUT/store/*.log
+  ;;
+F)
+  # W4 (host trace), start-up cold/warm (compiled-program store on, as by default), W3 serving
+  wheels || exit 1
+  TAIL=6 run w4 260 python3 scripts/bench_throughput.py --workload W4 --backend yaie --host-trace --out $OUT
+  SERVE="--max-num-seqs 256 --num-decode-steps 4 --max-num-batched-tokens 4096 --gpu-memory-utilization 0.5"
+  TAIL=4 run startup 150 python3 scripts/bench_startup.py --runs cold,warm --out $OUT/start -- $SERVE
+  python3 -m yaie_jax.serve ~/.cache/yaie_bench/gpt2_124m --port 8000 $SERVE --no-access-log \
+      > $OUT/start/server_w3.log 2>&1 &
+  SERVER=$!
+  for i in $(seq 120); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
+  TAIL=6 run w3 150 python3 scripts/bench_serving.py --rates 4 16 64 --duration-s 20 --out $OUT
+  kill -TERM $SERVER; wait $SERVER
+  tar czf $OUT/logs.tar.gz -C $OUT start && rm -rf $OUT/start/*.log
   ;;
 TP)
   run tp 560 python3 scripts/bench_tp.py --tp ${TP_SIZES:-1,2} --head ${TP_HEADS:-replicated,vocab} --out $OUT

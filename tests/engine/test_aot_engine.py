@@ -6,7 +6,7 @@ from yaie_jax import LLM, SamplingParams
 
 
 def test_second_engine_loads_programs_and_matches(gpt2_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("YAIE_AOT_CACHE", "1")            # off by default (see yaie_jax/aot_cache.py)
+    monkeypatch.setenv("YAIE_AOT_CACHE", "1")            # (on by default; set in case the environment has it off)
     rng = np.random.default_rng()
     prompts = [rng.integers(1, 384, size=int(n)).tolist() for n in (5, 23, 40)]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
