@@ -361,6 +361,9 @@ class AsyncEngine:
                     self._dispatch(outputs)
                     self._refresh_stats()
                 else:
+                    idle_work = getattr(engine, "idle_work", None)
+                    if idle_work is not None:
+                        idle_work()            # e.g. first runs of programs compiled in the background
                     self._refresh_stats(force=True)
         except BaseException as e:  # noqa: BLE001 - any failure in the loop kills it; report, don't hang clients
             logger.exception("engine loop died")

@@ -269,6 +269,8 @@ class LLMEngine:
         Fused decode calls are pipelined (`async_scheduling`): the next fused call is scheduled and dispatched
         before the tokens of the one in flight are read back, so the host's bookkeeping for call i overlaps the
         device's work on call i+1. A step() then returns call i's outputs while call i+1 runs."""
+        if self.runner.first_runs_pending:
+            self.runner.run_first_runs()           # programs compiled in the background since the last step
         if self._inflight is not None:
             return self._step_pipelined()
         t0 = time.perf_counter()
@@ -306,7 +308,14 @@ class LLMEngine:
             [(s.seq, s.seq.request.params) for s in rows], pad_to=self.runner.padded_num_seqs(out),
             eos_token_ids=self.eos_token_ids, engine_seed=self.config.seed, vocab_size=self.vocab_size,
             num_steps=out.num_steps, step_offset=pending)
-        prev_tokens = (prev.last_tokens, prev.rows) if prev is not None else None
+        if prev is not None:
+            prev_tokens = (prev.last_tokens, prev.rows)
+        elif out.num_steps > 1 and self._async_scheduling and self.runner.last_fused_tokens is not None:
+            # nothing in flight: every input token is on the host, but the argument stays a device array (any
+            # earlier call's tokens, no row taken from them): a numpy/device switch costs the call's fast path
+            prev_tokens = (self.runner.last_fused_tokens, {})
+        else:
+            prev_tokens = None
         t1 = time.perf_counter()
         result = self.runner.dispatch(out, sbatch, flags, prev_tokens=prev_tokens)
         t2 = time.perf_counter()
@@ -521,11 +530,22 @@ class LLMEngine:
         return stats
 
     def warmup(self, background: bool = True) -> None:
-        """Compile the step programs (see `ModelRunner.warmup`); `wait_for_warmup` joins background compiles."""
+        """Compile the step programs (see `ModelRunner.warmup`) and run each once; `wait_for_warmup` joins
+        background compiles."""
         self.runner.warmup(background=background)
+        self.runner.run_first_runs()
+
+    def idle_work(self) -> None:
+        """What the engine's thread may do while no request is waiting: run the programs compiled in the
+        background once (`ModelRunner.run_first_runs`), so that no step pays for it later."""
+        if self.runner.first_runs_pending:
+            self.runner.run_first_runs()
 
     def wait_for_warmup(self) -> None:
+        """Join background compiles, then run each new program once (`ModelRunner.run_first_runs`). Call it from
+        the thread that steps the engine."""
         self.runner.wait_for_warmup()
+        self.runner.run_first_runs()
 
 
 class _InFlight(NamedTuple):

@@ -130,6 +130,12 @@ class ModelRunner:
         # host seconds in `dispatch` by part (prepare_inputs: host arrays and cascade plan; launch: the
         # compiled program's call, host-to-device copies of the inputs included); the engine reports them
         self.host_time_s: Dict[str, float] = {"prepare_inputs": 0.0, "launch": 0.0}
+        # programs compiled or loaded by warm-up / in the background and not run yet: (kind, batch, sbatch, flags,
+        # num_steps) all-padding inputs; `run_first_runs` (engine thread) runs each once, so that a program's first
+        # real step does not pay its one-time costs (10-24 ms per program on the H200: the first call of an
+        # executable, the device's first launch of its kernels)
+        self._first_runs: List[tuple] = []
+        self.num_first_runs = 0
         # compiled programs of earlier processes with the same fingerprint (None: off, see aot_cache.for_runner)
         self._aot_store = aot_cache.ExecutableStore.for_runner(self)
 
@@ -341,7 +347,7 @@ class ModelRunner:
 
         prev_tokens: for a fused decode call scheduled while the previous one is in flight
         (`Scheduler.schedule_continuation`): (that call's `last_fused_tokens` [S_max], on the device, {seq_id: its
-        row there}). Each row's input token is then taken on the device from the previous call's last step (inside
+        row there}; a sequence not in it takes its input token from the host). Each row's input token is then taken on the device from the previous call's last step (inside
         the program: no separate device call), so the host never waits for it. After a fused call,
         `last_fused_tokens` holds its own."""
         if out.swap_out:
@@ -351,7 +357,7 @@ class ModelRunner:
         if out.block_copies:
             self.copy_blocks(out.block_copies)
         t0 = time.perf_counter()
-        batch, decode, S = self.prepare_inputs(out, tokens_on_device=prev_tokens is not None)
+        batch, decode, S = self.prepare_inputs(out, tokens_on_device=prev_tokens is not None and bool(prev_tokens[1]))
         self.host_time_s["prepare_inputs"] += time.perf_counter() - t0
         if out.num_steps == 1:
             return self.run_program("decode" if decode else "prefill", batch, sampling_batch, flags)
@@ -366,7 +372,7 @@ class ModelRunner:
         prev_rows = np.full(S, -1, np.int32)                       # [S] row in the previous call, -1: input_ids
         if prev_tokens is not None:
             prev_last, prev_row = prev_tokens
-            prev_rows[:len(out.scheduled)] = [prev_row[s.seq.seq_id] for s in out.scheduled]
+            prev_rows[:len(out.scheduled)] = [prev_row.get(s.seq.seq_id, -1) for s in out.scheduled]
             mbatch["prev_last"] = prev_last
         else:
             mbatch["prev_last"] = np.zeros(self.seq_buckets_decode[-1], np.int32)    # [S_max], unused
@@ -508,9 +514,28 @@ class ModelRunner:
     def _compile_shape(self, shape, trace_lock=None) -> None:
         kind, T, S = shape
         batch, sbatch, flags, K = self._dummy_inputs(kind, T, S)
-        self.compiled(kind.partition("+")[0], batch, sbatch, flags, K, trace_lock=trace_lock)
+        base = kind.partition("+")[0]
+        self.compiled(base, batch, sbatch, flags, K, trace_lock=trace_lock)
         with self._compile_lock:
+            self._first_runs.append((base, batch, sbatch, flags, K))
             self._ready.add((kind, T if kind == "prefill" else S))
+
+    @property
+    def first_runs_pending(self) -> bool:
+        return bool(self._first_runs)
+
+    def run_first_runs(self) -> int:
+        """Run each program that warm-up or a background compile made and nothing has run yet, once, on all-padding
+        inputs (nothing is written or read in the KV pool). Call it from the thread that runs the steps (it
+        updates the donated KV pool like a step). Returns how many ran."""
+        with self._compile_lock:
+            pending, self._first_runs = self._first_runs, []
+        if jax.process_count() > 1:
+            return 0        # every process must launch the same programs in the same order: only real steps
+        for kind, batch, sbatch, flags, K in pending:
+            self.run_program(kind, batch, sbatch, flags, K)
+        self.num_first_runs += len(pending)
+        return len(pending)
 
     def warmup(self, background: bool = True) -> None:
         """Compile the bucket programs (greedy sampling variant) several at a time in threads (XLA compiles in
@@ -536,8 +561,11 @@ class ModelRunner:
             self._background_not_before = time.monotonic() + BACKGROUND_GRACE_S
 
             def compile_rest():
+                t0 = time.monotonic()
                 with concurrent.futures.ThreadPoolExecutor(max(1, workers // 2)) as pool:
                     list(pool.map(self._compile_when_idle, rest))
+                logger.info("background compiles done: %d more step programs in %.1f s", len(rest),
+                            time.monotonic() - t0)
             self._warm_thread = threading.Thread(target=compile_rest, name="yaie-compile", daemon=True)
             self._warm_thread.start()
 

@@ -166,6 +166,45 @@ def test_cache_sequence_dedupes_against_an_existing_prefix():
     bm.check_invariants()
 
 
+def test_cache_sequence_walks_from_known_blocks_with_the_same_result():
+    """cache_sequence starts its tree walk after the blocks it knows are cached (matched at admission, cached
+    before): the same tree, tables, refcounts and LRU order as a walk from the root, over random life cycles."""
+    import random
+    rng = random.Random()
+    for _ in range(30):
+        bms = [BlockManager(num_gpu_blocks=64, block_size=4) for _ in range(2)]
+        prefixes = [[rng.randrange(50) for _ in range(rng.randrange(4, 14))] for _ in range(3)]
+        live = []
+        for step in range(40):
+            op = rng.random()
+            if op < 0.35 or not live:
+                sid = f"s{step}"
+                toks = rng.choice(prefixes) + [rng.randrange(50) for _ in range(rng.randrange(1, 9))]
+                for bm in bms:
+                    bm.add_sequence(sid, toks)
+                    bm.append_slots(sid, len(toks) - bm.num_tokens(sid))
+                live.append((sid, toks))
+            elif op < 0.7:
+                i = rng.randrange(len(live))
+                sid, toks = live[i]
+                toks = toks + [rng.randrange(50) for _ in range(rng.randrange(1, 6))]
+                live[i] = (sid, toks)
+                for k, bm in enumerate(bms):
+                    bm.append_slots(sid, len(toks) - bm.num_tokens(sid))
+                    if k == 1:
+                        bm.seqs[sid].tree_blocks = 0          # the reference: walk from the root
+                    bm.cache_sequence(sid, toks)
+            else:
+                sid, toks = live.pop(rng.randrange(len(live)))
+                for bm in bms:
+                    bm.cache_sequence(sid, toks)
+                    bm.free_sequence(sid)
+            a, b = (snapshot(bm) for bm in bms)
+            assert a == b
+            assert [(n.block, n.last_access) for n in bms[0].tree.nodes.values()] == \
+                [(n.block, n.last_access) for n in bms[1].tree.nodes.values()]
+
+
 def test_reset_prefix_cache_keeps_referenced_blocks():
     bm = BlockManager(num_gpu_blocks=8, block_size=2)
     run_prompt(bm, "a", [1, 2, 3, 4, 5])          # caches blocks 0, 1

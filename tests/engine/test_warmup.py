@@ -40,9 +40,12 @@ def test_background_warmup_then_same_tokens_as_hf(gpt2_dir):
     llm = LLM(gpt2_dir, **BASE)
     llm.engine.warmup(background=True)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
-    llm.engine.wait_for_warmup()
     runner = llm.engine.runner
+    llm.engine.wait_for_warmup()                # joins the background compiles and runs each new program once
+    assert not runner.first_runs_pending and runner.num_first_runs == len(runner.warmup_shapes())
     assert {(k, t if k == "prefill" else s) for k, t, s in runner.warmup_shapes()} <= runner._ready
-    for p, o in zip(prompts, outs):
+    again = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
+    for p, o, a in zip(prompts, outs, again):
         ref = support.hf_greedy(gpt2_dir, p, 10)
         support.assert_same_greedy(gpt2_dir, p, o.outputs[0].token_ids, ref)
+        assert a.outputs[0].token_ids == o.outputs[0].token_ids     # the first runs left the KV pool as it was

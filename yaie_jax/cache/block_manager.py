@@ -31,13 +31,16 @@ class SeqBlocks:
     """One sequence's memory: its device block table and how many positions have slots; while swapped out,
     `blocks` is empty and `cpu_blocks` is the host block table instead."""
 
-    __slots__ = ("blocks", "num_tokens", "cpu_blocks", "swapped")
+    __slots__ = ("blocks", "num_tokens", "cpu_blocks", "swapped", "tree_blocks")
 
-    def __init__(self, blocks: List[int], num_tokens: int):
+    def __init__(self, blocks: List[int], num_tokens: int, tree_blocks: int = 0):
         self.blocks = blocks
         self.num_tokens = num_tokens
         self.cpu_blocks: List[int] = []
         self.swapped = False
+        # leading blocks known to be the radix tree's nodes for this sequence's tokens (matched at admission or
+        # cached since): cache_sequence starts its tree walk after them
+        self.tree_blocks = tree_blocks
 
 
 class BlockManager:
@@ -119,7 +122,7 @@ class BlockManager:
                 for b in blocks:          # root first: each lock stops at its already-locked parent
                     acquire(b)
                 self.hit_tokens += len(blocks) * self.block_size
-        self.seqs[seq_id] = SeqBlocks(blocks, len(blocks) * self.block_size)
+        self.seqs[seq_id] = SeqBlocks(blocks, len(blocks) * self.block_size, tree_blocks=len(blocks))
         return len(blocks) * self.block_size
 
     def num_tokens(self, seq_id) -> int:
@@ -239,7 +242,7 @@ class BlockManager:
         if child_seq_id in self.seqs:
             raise ValueError(f"sequence {child_seq_id!r} already exists")
         p = self._seq(parent_seq_id)
-        child = SeqBlocks(list(p.blocks), p.num_tokens)
+        child = SeqBlocks(list(p.blocks), p.num_tokens, tree_blocks=p.tree_blocks)
         acquire = self.tree.acquire
         for b in p.blocks:
             acquire(b)
@@ -268,7 +271,7 @@ class BlockManager:
         if n_full == 0:
             return
         blocks = s.blocks
-        canon = self.tree.insert(token_ids, blocks[:n_full])
+        canon = self.tree.insert(token_ids, blocks[:n_full], known=min(s.tree_blocks, n_full))
         dup = [j for j in range(n_full) if canon[j] != blocks[j]]
         if dup:
             for j in dup:                  # root first, so each lock stops at its parent
@@ -276,6 +279,7 @@ class BlockManager:
             for j in reversed(dup):
                 self.tree.release(blocks[j])
                 blocks[j] = canon[j]
+        s.tree_blocks = max(s.tree_blocks, n_full)
 
     def reset_prefix_cache(self) -> None:
         """Drop every cached block that no sequence holds (they return to the free list). Held ones stay."""
@@ -345,6 +349,7 @@ class BlockManager:
         for b in reversed(s.blocks):
             release(b)
         s.blocks = []
+        s.tree_blocks = 0
         s.cpu_blocks = cpu
         s.swapped = True
         self.num_swapped_out_blocks += len(pairs)

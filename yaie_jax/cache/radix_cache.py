@@ -92,22 +92,32 @@ class RadixCache:
             self._push(node)      # an unlocked leaf touched: its LRU position moved
         return out
 
-    def insert(self, token_ids: Sequence[int], blocks: Sequence[int]) -> List[int]:
+    def insert(self, token_ids: Sequence[int], blocks: Sequence[int], known: int = 0) -> List[int]:
         """Cache `blocks[i]` as the K/V of `token_ids[i*bs:(i+1)*bs]` (given everything before), for the first
         `min(len(token_ids) // bs, len(blocks))` blocks. Returns the tree's block for each of those positions.
 
         Where a prefix is cached already the tree keeps its block (the caller may switch to it and drop its
         duplicate); new nodes take one pool reference each. Precondition: the new blocks are allocated (the
-        caller holds them) and not cached elsewhere; otherwise ValueError and nothing changes."""
+        caller holds them) and not cached elsewhere; otherwise ValueError and nothing changes.
+        known: the caller knows `blocks[:known]` are the tree's nodes for these tokens (a path from the root, as
+        `match` or an earlier insert gave them): the walk starts after them, without hashing their tokens (it
+        still marks them used, as a walk would). Ignored where blocks[known - 1] is not in the tree."""
         bs = self.block_size
         n = min(len(token_ids) // bs, len(blocks))
         if n == 0:
             return []
-        t = token_ids if type(token_ids) is tuple else tuple(token_ids[:n * bs])
         now = next(self._clock)
         node = self.root
-        out: List[int] = []
         i = 0
+        if 0 < known <= n and blocks[known - 1] in self.nodes:
+            node = self.nodes[blocks[known - 1]]
+            i = known
+            up = node
+            while up is not self.root:
+                up.last_access = now
+                up = up.parent
+        out: List[int] = list(blocks[:i])
+        t = token_ids if type(token_ids) is tuple else tuple(token_ids[:n * bs])
         while i < n:
             child = node.children.get(t[i * bs:(i + 1) * bs])
             if child is None:
