@@ -150,11 +150,9 @@ class LLMEngine:
             placement = {}
         self.runner = ModelRunner(self.model, config, self.max_model_len, num_gpu_blocks=config.num_gpu_blocks,
                                   **placement)
-        self.tokenizer = tokenizer_future.result()
         self.block_manager = BlockManager(self.runner.num_gpu_blocks, config.block_size, config.num_cpu_blocks,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
-        self.eos_token_ids = self._eos_ids()
         self.vocab_size = self.model_config.vocab_size
         self._request_counter = itertools.count()
         self._step_counter = 0
@@ -173,6 +171,9 @@ class LLMEngine:
                 logger.info("CPU backend: skipping bucket warm-up; programs compile on first use")
             else:
                 self.warmup()
+        # joined last: the warm-up does not need it (its imports took ~2 s of the GPU warm start when joined before)
+        self.tokenizer = tokenizer_future.result()
+        self.eos_token_ids = self._eos_ids()
         distributed.setup(self)   # multi-host: process 0 publishes its runner calls; the others follow, then exit
 
     def _eos_ids(self) -> List[int]:
