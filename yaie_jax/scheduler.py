@@ -186,6 +186,7 @@ class Scheduler:
         out = SchedulerOutput(scheduled=[], block_copies=[], swap_out=[], swap_in=[], timed_out=self._expire(now))
         budget = self.config.max_num_batched_tokens
         chunked = self.config.enable_chunked_prefill
+        caching = self.config.enable_prefix_caching
         preempted_any = False
         multi = self._try_multi_step(out, now)
         if multi is not None:
@@ -195,6 +196,13 @@ class Scheduler:
             nonlocal budget
             slots, copies = self.bm.append_slots(seq.seq_id, n)
             out.block_copies.extend(copies)
+            if caching and seq.num_output_tokens == 0:
+                # the prompt's full blocks this step computes go into the prefix cache now, so that sequences
+                # admitted after this one (this step included) reuse them: inside a step every layer writes all
+                # new K/V before attention reads any, and later steps run after this one. The prompt's last token
+                # is left out, as matching leaves it to compute (no duplicate of a block this step writes).
+                upto = min(seq.num_computed_tokens + n, seq.num_prompt_tokens - 1)
+                self.bm.cache_sequence(seq.seq_id, seq.token_ids[:upto], switch=False)
             sample = seq.num_computed_tokens + n == len(seq.token_ids)
             out.scheduled.append(ScheduledSeq(seq, n, slots, sample, self.bm.get_block_table(seq.seq_id)))
             budget -= n
@@ -243,11 +251,13 @@ class Scheduler:
         # 3) New admissions (and recompute-preempted sequences), only when nobody waits in the host pool.
         if not preempted_any and not self.swapped:
             cap = min(self.config.max_num_seqs, self.decode_cap)
-            # In-batch prefix sharing: a prompt whose first block is being computed by another sequence (admitted
-            # this step or still in prefill) waits for it to land in the prefix cache instead of computing the
-            # same prefix again (a burst of requests sharing a system prompt would otherwise all miss).
+            # In-batch prefix sharing: prompt blocks enter the prefix cache when scheduled (`schedule_seq`), so a
+            # burst of requests sharing a system prompt reuses the first one's blocks from the same step on. Only
+            # a prompt whose first block is being computed and not cached yet (a first chunk shorter than a
+            # block) makes others with the same first block wait, rather than compute it again.
+            bs = self.bm.block_size
             computing = {self._first_block(s) for s in self.running
-                         if s.num_computed_tokens < s.num_prompt_tokens} if self.config.enable_prefix_caching else None
+                         if s.num_computed_tokens < min(bs, s.num_prompt_tokens)} if caching else None
             for seq in sorted(self.waiting, key=self._key):
                 need_seqs = 1 if seq.request.forked else seq.request.params.n
                 if budget <= 0 or len(self.running) + need_seqs > cap:
@@ -273,7 +283,7 @@ class Scheduler:
                 seq.status = SeqStatus.RUNNING
                 self.running.append(seq)
                 schedule_seq(seq, n)
-                if first is not None and cached < self.bm.block_size:
+                if first is not None and cached + n < bs:
                     computing.add(first)
 
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget

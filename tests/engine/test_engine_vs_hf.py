@@ -79,8 +79,8 @@ def test_greedy_matches_hf(gpt2_dir, prompts_and_refs, case):
 
 def test_burst_sharing_a_prefix_computes_it_once_per_group(gpt2_dir):
     """A burst of requests sharing a prompt prefix (issue 10's W4 shape): only the first request of each group
-    computes the prefix; the others wait for it to land in the prefix cache (not all miss in the same step), and
-    the tokens are HF's."""
+    computes the prefix; the others reuse its blocks from the same step on (prompt blocks enter the prefix cache
+    when scheduled), and the tokens are HF's."""
     rng = np.random.default_rng()
     groups = [rng.integers(1, 384, size=48).tolist() for _ in range(2)]
     prompts = [g + rng.integers(1, 384, size=int(rng.integers(3, 9))).tolist() for g in groups for _ in range(5)]
@@ -90,3 +90,23 @@ def test_burst_sharing_a_prefix_computes_it_once_per_group(gpt2_dir):
     for p, o in zip(prompts, outs):
         support.assert_same_greedy(gpt2_dir, p, o.outputs[0].token_ids, support.hf_greedy(gpt2_dir, p, 6))
     assert [o.num_cached_tokens for o in outs] == [0, 48, 48, 48, 48] * 2
+    assert llm.get_stats()["num_steps"] <= 1 + 6        # one prefill step for all ten, then decode
+
+
+def test_identical_and_block_aligned_prompts_in_one_step_chunked(gpt2_dir):
+    """Prompts cached as they are scheduled, where that meets the corner cases: identical prompts in one step, a
+    prompt that is a whole number of blocks (its last block is computed again, never deduplicated under the
+    step's slots), and chunks that end inside a block; HF's tokens every time."""
+    rng = np.random.default_rng()
+    base = rng.integers(1, 384, size=48).tolist()                  # 3 blocks of 16
+    prompts = [base, base, base + [7], base[:40], base + rng.integers(1, 384, size=21).tolist(), base]
+    for budget in (512, 24):
+        llm = LLM(gpt2_dir, dtype="float32", attention_backend="xla", warmup=False, compile_cache_dir=None,
+                  max_num_batched_tokens=budget, max_num_seqs=8)
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+        for p, o in zip(prompts, outs):
+            support.assert_same_greedy(gpt2_dir, p, o.outputs[0].token_ids, support.hf_greedy(gpt2_dir, p, 5))
+        bm = llm.engine.block_manager
+        bm.check_invariants()
+        bm.reset_prefix_cache()
+        assert bm.num_free_gpu_blocks == llm.engine.runner.num_gpu_blocks

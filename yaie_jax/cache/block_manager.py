@@ -254,14 +254,17 @@ class BlockManager:
         self.seqs[child_seq_id] = child
 
     # ------------------------------------------------------------------ prefix cache
-    def cache_sequence(self, seq_id, token_ids: Sequence[int]) -> None:
+    def cache_sequence(self, seq_id, token_ids: Sequence[int], switch: bool = True) -> None:
         """Insert the sequence's full blocks into the radix tree. `token_ids` are the tokens whose K/V is already
         written in the sequence's blocks, from position 0 (it may be shorter than num_tokens; only
         `min(len(token_ids), num_tokens) // block_size` blocks are cached). The tree takes its own reference.
 
         Where a prefix was cached already under another block, the sequence switches to the cached block and
         drops its duplicate (same K/V, memory returned). Safe to call repeatedly; does nothing when prefix
-        caching is off or the sequence is swapped out."""
+        caching is off or the sequence is swapped out.
+
+        switch=False: keep the sequence's own blocks where the tree has others (they stay uncached); for a
+        scheduler caching a prompt chunk as it schedules it, whose slots already point into those blocks."""
         if not self.enable_prefix_caching:
             return
         s = self._seq(seq_id)
@@ -273,6 +276,9 @@ class BlockManager:
         blocks = s.blocks
         canon = self.tree.insert(token_ids, blocks[:n_full], known=min(s.tree_blocks, n_full))
         dup = [j for j in range(n_full) if canon[j] != blocks[j]]
+        if dup and not switch:
+            s.tree_blocks = max(s.tree_blocks, dup[0])     # its blocks are the tree's up to the first duplicate
+            return
         if dup:
             for j in dup:                  # root first, so each lock stops at its parent
                 self.tree.acquire(canon[j])
