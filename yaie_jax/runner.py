@@ -347,9 +347,9 @@ class ModelRunner:
 
         prev_tokens: for a fused decode call scheduled while the previous one is in flight
         (`Scheduler.schedule_continuation`): (that call's `last_fused_tokens` [S_max], on the device, {seq_id: its
-        row there}; a sequence not in it takes its input token from the host). Each row's input token is then taken on the device from the previous call's last step (inside
-        the program: no separate device call), so the host never waits for it. After a fused call,
-        `last_fused_tokens` holds its own."""
+        row there}). Each row's input token is then taken on the device from the previous call's last step (inside
+        the program: no separate device call), so the host never waits for it; with an empty dict every input
+        token comes from the host. After a fused call, `last_fused_tokens` holds its own."""
         if out.swap_out:
             self.swap_out(out.swap_out)
         if out.swap_in:
@@ -357,7 +357,8 @@ class ModelRunner:
         if out.block_copies:
             self.copy_blocks(out.block_copies)
         t0 = time.perf_counter()
-        batch, decode, S = self.prepare_inputs(out, tokens_on_device=prev_tokens is not None and bool(prev_tokens[1]))
+        on_device = prev_tokens is not None and bool(prev_tokens[1])     # input tokens still on the device
+        batch, decode, S = self.prepare_inputs(out, tokens_on_device=on_device)
         self.host_time_s["prepare_inputs"] += time.perf_counter() - t0
         if out.num_steps == 1:
             return self.run_program("decode" if decode else "prefill", batch, sampling_batch, flags)
