@@ -113,7 +113,9 @@ def test_off_switches(engine, tmp_path, monkeypatch):
     assert ExecutableStore.for_runner(engine.runner, cache_dir=str(tmp_path)) is None
     monkeypatch.setenv("YAIE_AOT_CACHE", "off")
     assert ExecutableStore.for_runner(engine.runner, cache_dir=str(tmp_path)) is None
-    monkeypatch.delenv("YAIE_AOT_CACHE")                                     # on unless turned off
+    monkeypatch.delenv("YAIE_AOT_CACHE")                     # unset: on for a GPU backend, off on the CPU
+    assert ExecutableStore.for_runner(engine.runner, cache_dir=str(tmp_path)) is None
+    monkeypatch.setattr(aot_cache, "default_on", lambda: True)
     assert ExecutableStore.for_runner(engine.runner, cache_dir=str(tmp_path)) is not None
 
 

@@ -19,7 +19,8 @@ runner's own key (kind, sampling flags, fused steps, input shapes). A loaded pro
 shapes and dtypes on every call (jax.stages.Compiled). Entries are pickles: load them only from a directory you
 trust, as JAX's own cache.
 
-On by default wherever the engine has a compile cache directory; YAIE_AOT_CACHE=0 turns it off. Multi-process
+On by default on a GPU wherever the engine has a compile cache directory (off on the CPU, see `default_on`);
+YAIE_AOT_CACHE=0 / 1 turns it off / on. Multi-process
 (jax.distributed) runs never use it. On the GPU (H200, jax 0.11.2) a warm server start with it took 9.7 s to the
 first answer, against 19.7 s with JAX's persistent cache alone (bench/NOTES.md §12).
 History: at first a program holding Mosaic GPU kernels could not be loaded in a process that had not yet compiled
@@ -63,9 +64,20 @@ VOLATILE_ENGINE_FIELDS = {"compile_cache_dir", "served_model_name", "warmup"}
 PACKAGES = ("yaie_jax", "pallas_kernels")
 
 
+def default_on() -> bool:
+    """The store's default where YAIE_AOT_CACHE is not set: on for a GPU backend only. On the CPU a program
+    loaded in a fresh process failed on its first call (jax 0.10.2, SmolLM2 via `make serve`: "NOT_FOUND:
+    Function wrapped_iota not found"), and the CPU backend compiles lazily anyway."""
+    import jax
+    return jax.default_backend() == "gpu"
+
+
 def enabled() -> bool:
-    """On unless YAIE_AOT_CACHE is 0 / false / no / off."""
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off", "")
+    """YAIE_AOT_CACHE=1 / 0 (true/false, yes/no, on/off) turns the store on or off; unset: `default_on()`."""
+    value = os.environ.get(ENV)
+    if value is None or not value.strip():
+        return default_on()
+    return value.strip().lower() not in ("0", "false", "no", "off")
 
 
 _backend_prepared = False
