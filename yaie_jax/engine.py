@@ -355,8 +355,8 @@ class LLMEngine:
         t0 = time.perf_counter()
         now = time.monotonic()
         K = out.num_steps
-        tokens = result.token_ids.tolist()                 # [S] or [num_steps, S]
-        rows = result.token_ids.T.tolist() if K > 1 else None   # [S][num_steps]
+        tokens = result.token_ids.tolist() if K == 1 else None     # [S]
+        rows = result.token_ids.T.tolist() if K > 1 else None      # [S][num_steps]
         views = [result] if K == 1 else [_StepView(result, j) for j in range(K)]
         for i, s in enumerate(out.scheduled):
             seq = s.seq
@@ -365,7 +365,7 @@ class LLMEngine:
                 continue
             if rows is None or not self._append_row(seq, rows[i], now):
                 for j in range(K):
-                    token = tokens[i] if K == 1 else tokens[j][i]
+                    token = tokens[i] if K == 1 else rows[i][j]
                     self._append_token(seq, token, views[j], i)
                     if req.first_token_time is None:
                         req.first_token_time = now

@@ -117,9 +117,10 @@ class RadixCache:
                 up.last_access = now
                 up = up.parent
         out: List[int] = list(blocks[:i])
-        t = token_ids if type(token_ids) is tuple else tuple(token_ids[:n * bs])
+        base = i * bs                                # tokens before the walk's start are not copied or hashed
+        t = tuple(token_ids[base:n * bs])
         while i < n:
-            child = node.children.get(t[i * bs:(i + 1) * bs])
+            child = node.children.get(t[i * bs - base:(i + 1) * bs - base])
             if child is None:
                 break
             child.last_access = now
@@ -142,7 +143,7 @@ class RadixCache:
         refcount = self.pool.refcount
         for j in range(i, n):
             b = blocks[j]
-            child = RadixNode(t[j * bs:(j + 1) * bs], b, node, now)
+            child = RadixNode(t[j * bs - base:(j + 1) * bs - base], b, node, now)
             node.children[child.key] = child
             self.nodes[b] = child
             child.lock_ref = refcount[b]           # the caller's holders; > 0, so locked
