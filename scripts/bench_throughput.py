@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+from tqdm import tqdm
+
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_common as bc  # noqa: E402
 from host_trace import HostTrace  # noqa: E402
@@ -35,36 +37,54 @@ def run_yaie(model_dir: str, prompts, max_new, args, enable_prefix_caching: bool
               cascade_attention=cascade_attention and not args.no_cascade,
               attention_backend=args.attention_backend, num_decode_steps=args.num_decode_steps,
               max_model_len=args.max_model_len, warmup=not args.no_warmup,
-              gpu_memory_utilization=args.gpu_memory_utilization)
+              gpu_memory_utilization=args.gpu_memory_utilization, gc_freeze=not args.no_gc_freeze)
     startup_s = time.perf_counter() - t0
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_new]
-    # Warm-up: the whole workload once (compiles every shape it meets), then the timed pass.
+    # Warm-up: the whole workload once (compiles every shape it meets), then the timed passes.
     t0 = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     llm.engine.wait_for_warmup()              # every bucket compiled (background compiles after start-up)
     print(f"warm-up pass {time.perf_counter() - t0:.1f} s", flush=True)
-    llm.engine.block_manager.reset_prefix_cache()
-    host0 = llm.get_stats()["host_time_s"]
-    steps0 = llm.get_stats()["num_steps"]
-    cascade0 = llm.engine.runner.num_cascade_calls
-    trace = HostTrace(llm.engine) if args.host_trace else contextlib.nullcontext()
-    t0 = time.perf_counter()
-    with trace:
-        outs = llm.generate(prompts, params, use_tqdm=True)
-    elapsed = time.perf_counter() - t0
-    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    ttfts = [o.metrics["first_token_time"] - o.metrics["arrival_time"] for o in outs]
-    stats = llm.get_stats()
-    row = {"elapsed_s": elapsed, "output_tokens": n_out, "output_tok_s": n_out / elapsed,
-           "mean_ttft_s": sum(ttfts) / len(ttfts), "startup_s": startup_s,
-           "prefix_cache_hit_tokens": stats.get("prefix_cache_hit_tokens"),
-           "num_preemptions": stats.get("num_preemptions"), "num_device_calls": stats["num_steps"] - steps0,
-           "num_pipelined_calls": stats.get("num_pipelined_calls"),
-           "num_cascade_calls": llm.engine.runner.num_cascade_calls - cascade0,
-           # host seconds per engine phase in the timed pass; wait_device ~ time the host had nothing to do
-           "host_time_s": {k: v - host0.get(k, 0.0) for k, v in stats["host_time_s"].items()}}
+    from yaie_jax.gc_pause import GcPauseMeter
+    passes = []
+    for i in range(args.repeats):
+        llm.engine.block_manager.reset_prefix_cache()
+        stats0 = llm.get_stats()
+        cascade0 = llm.engine.runner.num_cascade_calls
+        last = i == args.repeats - 1
+        trace = HostTrace(llm.engine) if args.host_trace and last else contextlib.nullcontext()
+        t0 = time.perf_counter()
+        with trace:
+            outs = llm.generate(prompts, params, use_tqdm=last)
+        elapsed = time.perf_counter() - t0
+        stats = llm.get_stats()
+        ttfts = [o.metrics["first_token_time"] - o.metrics["arrival_time"] for o in outs]
+        passes.append({
+            "elapsed_s": elapsed, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+            "mean_ttft_s": sum(ttfts) / len(ttfts),
+            "prefix_cache_hit_tokens": stats.get("prefix_cache_hit_tokens", 0)
+            - stats0.get("prefix_cache_hit_tokens", 0),
+            "num_preemptions": stats.get("num_preemptions", 0) - stats0.get("num_preemptions", 0),
+            "num_device_calls": stats["num_steps"] - stats0["num_steps"],
+            "num_pipelined_calls": stats["num_pipelined_calls"] - stats0["num_pipelined_calls"],
+            "num_cascade_calls": llm.engine.runner.num_cascade_calls - cascade0,
+            # host seconds per engine phase; wait_device ~ time the host had nothing to do
+            "host_time_s": {k: v - stats0["host_time_s"].get(k, 0.0) for k, v in stats["host_time_s"].items()},
+            # garbage-collector pauses (every thread) during the pass
+            "gc": GcPauseMeter.delta(stats["gc"], stats0["gc"])})
+    # the pass of median elapsed time stands for the run; every pass's time is kept beside it
+    times = [p["elapsed_s"] for p in passes]
+    median = sorted(range(len(passes)), key=lambda j: times[j])[len(passes) // 2]
+    row = {**passes[median], "startup_s": startup_s, "repeats": len(passes), "elapsed_s_all": times,
+           "passes": [{"elapsed_s": p["elapsed_s"], "output_tok_s": p["output_tokens"] / p["elapsed_s"],
+                       "gc_full_collections": p["gc"]["collections"][2],
+                       "gc_pause_ms": p["gc"]["total_pause_s"] * 1e3} for p in passes]}
+    row["output_tok_s"] = row["output_tokens"] / row["elapsed_s"]
+    for j, p in enumerate(passes):
+        print(f"pass {j}: {p['output_tokens'] / p['elapsed_s']:,.0f} tok/s, {p['elapsed_s']:.3f} s, "
+              f"gc {p['gc']['collections']} {p['gc']['total_pause_s'] * 1e3:.1f} ms", flush=True)
     if args.host_trace:
-        row["host_trace"] = trace.summary()
+        row["host_trace"] = trace.summary()          # of the last pass
         print("host trace:", json.dumps(row["host_trace"], indent=None)[:3000])
     if args.profile_prompts:
         row["profile"] = profile_pass(llm, prompts[:args.profile_prompts], params[:args.profile_prompts], args)
@@ -134,13 +154,15 @@ def run_hf_manager(model, gen, prompts, max_new) -> dict:
         for i, (p, m) in enumerate(zip(batch, limits)):
             manager.add_request(p, request_id=f"{tag}{i}", max_new_tokens=m)
         done, n_out = 0, 0
-        while done < len(batch):
-            r = manager.get_result(timeout=1)
-            if r is not None and r.is_finished():
-                done += 1
-                n_out += len(r.generated_tokens)
-            elif r is None and not manager.is_running():
-                raise RuntimeError("HF continuous batching manager stopped")
+        with tqdm(total=len(batch), desc=f"hf {tag}", unit="req") as bar:
+            while done < len(batch):
+                r = manager.get_result(timeout=1)
+                if r is not None and r.is_finished():
+                    done += 1
+                    n_out += len(r.generated_tokens)
+                    bar.update(1)
+                elif r is None and not manager.is_running():
+                    raise RuntimeError("HF continuous batching manager stopped")
         return n_out
 
     try:
@@ -169,6 +191,9 @@ def main() -> None:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--no-gc-freeze", action="store_true", help="engine arg gc_freeze=False (yaie_jax/gc_pause.py)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed passes (yaie); the table shows the pass of median time, the JSON every pass's time")
     ap.add_argument("--no-cascade", action="store_true", help="plain paged decode even where prefixes are shared")
     ap.add_argument("--hf-attn", default="paged|sdpa")
     ap.add_argument("--host-trace", action="store_true",

@@ -44,6 +44,7 @@ class EngineConfig:
     cascade_attention: bool = True              # decode reads prefixes shared by sequences once (pallas backend)
     compile_cache_dir: Optional[str] = dataclasses.field(default_factory=default_compile_cache_dir)
     warmup: bool = True                         # compile every bucket at start-up
+    gc_freeze: bool = True                      # move start-up's objects out of the collector's reach (gc_pause)
     served_model_name: Optional[str] = None
     coordinator_address: Optional[str] = None   # multi-host: host:port of process 0 (jax.distributed)
     num_processes: int = 1                      # multi-host: number of processes (1 = single process)

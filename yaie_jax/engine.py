@@ -17,7 +17,7 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence as Seq, 
 import jax
 import numpy as np
 
-from . import distributed, sampling
+from . import distributed, gc_pause, sampling
 from .cache import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, decode_token
@@ -175,6 +175,8 @@ class LLMEngine:
         self.tokenizer = tokenizer_future.result()
         self.eos_token_ids = self._eos_ids()
         distributed.setup(self)   # multi-host: process 0 publishes its runner calls; the others follow, then exit
+        self._gc_frozen_programs = -1      # len(runner.compile_log) at the last gc freeze
+        self._freeze_gc_objects()
 
     def _eos_ids(self) -> List[int]:
         ids = set()
@@ -524,6 +526,7 @@ class LLMEngine:
         stats["num_steps"] = self._step_counter
         stats["num_pipelined_calls"] = self._num_pipelined_calls
         stats["host_time_s"] = dict(self.host_time_s)
+        stats["gc"] = gc_pause.PAUSES.snapshot()           # process-wide collector pauses since import
         stats["host_time_s"].update({f"dispatch.{k}": v for k, v in self.runner.host_time_s.items()})
         log = list(self.runner.compile_log)
         stats["num_compiled_programs"] = len(log)
@@ -538,15 +541,32 @@ class LLMEngine:
 
     def idle_work(self) -> None:
         """What the engine's thread may do while no request is waiting: run the programs compiled in the
-        background once (`ModelRunner.run_first_runs`), so that no step pays for it later."""
+        background once (`ModelRunner.run_first_runs`), so that no step pays for it later, and once no compile
+        is under way, freeze what the compiles left alive (`_freeze_gc_objects`)."""
         if self.runner.first_runs_pending:
             self.runner.run_first_runs()
+        if not self.runner.compiling:
+            self._freeze_gc_objects()
 
     def wait_for_warmup(self) -> None:
-        """Join background compiles, then run each new program once (`ModelRunner.run_first_runs`). Call it from
-        the thread that steps the engine."""
+        """Join background compiles, run each new program once (`ModelRunner.run_first_runs`), then freeze
+        what they left alive (`_freeze_gc_objects`). Call it from the thread that steps the engine."""
         self.runner.wait_for_warmup()
         self.runner.run_first_runs()
+        self._freeze_gc_objects()
+
+    def _freeze_gc_objects(self) -> None:
+        """With `gc_freeze`, move every live object out of the collector's walks (`gc_pause`) if programs were
+        compiled since the last freeze (and at start-up). A compile leaves its traces alive in JAX's caches:
+        unfrozen, they made each full collection in a W1 pass on an H200 take 170-230 ms of host time while the
+        device waited (bench/NOTES.md §13). Costs one full collection of the unfrozen objects."""
+        num_programs = len(self.runner.compile_log)
+        if not self.config.gc_freeze or num_programs == self._gc_frozen_programs:
+            return
+        self._gc_frozen_programs = num_programs
+        t0 = time.perf_counter()
+        n = gc_pause.freeze_live_objects()
+        logger.info("froze %d objects out of the garbage collector's walks (%.2f s)", n, time.perf_counter() - t0)
 
 
 class _InFlight(NamedTuple):

@@ -522,6 +522,12 @@ class ModelRunner:
             self._ready.add((kind, T if kind == "prefill" else S))
 
     @property
+    def compiling(self) -> bool:
+        """Whether a background compile (warm-up's rest or a later bucket) may still be running."""
+        threads = [self._warm_thread] + list(self._later_threads)
+        return any(t is not None and t.is_alive() for t in threads)
+
+    @property
     def first_runs_pending(self) -> bool:
         return bool(self._first_runs)
 

@@ -7,6 +7,8 @@
 #   bash scripts/gpu/perf_stage.sh D   # dispatch check, W4 host profile, start-up with the store / IR dump
 #   bash scripts/gpu/perf_stage.sh D2  # W4 with the host trace, start-up with the store (logs archived)
 #   bash scripts/gpu/perf_stage.sh F   # W4 (host trace), start-up cold/warm, W3 serving (logs archived)
+#   bash scripts/gpu/perf_stage.sh G   # W1 x5 passes: default, no GC freeze, no program store; W4 x3 passes
+#   bash scripts/gpu/perf_stage.sh GO  # W1 x5 passes, GC freeze off/on alternated, twice
 #   bash scripts/gpu/perf_stage.sh TP  # issue 8: GPT-2 large at TP sizes $TP_SIZES (2-4 GPU machine)
 set -x
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -36,6 +38,22 @@ B)
   run w3 150 python3 scripts/bench_serving.py --rates 4 16 64 --duration-s 20 --out $OUT
   kill -TERM $SERVER; wait $SERVER
   run w4 120 python3 scripts/bench_throughput.py --workload W4 --backend yaie --out $OUT
+  ;;
+G)
+  mkdir -p $OUT/nofreeze $OUT/nostore
+  TAIL=7 run w1_yaie 150 python3 scripts/bench_throughput.py --workload W1 --backend yaie --repeats 5 --out $OUT
+  TAIL=7 run w1_nofreeze 150 python3 scripts/bench_throughput.py --workload W1 --backend yaie --repeats 5 \
+      --no-gc-freeze --out $OUT/nofreeze
+  [ -n "$SKIP_NOSTORE" ] || TAIL=7 YAIE_AOT_CACHE=0 run w1_nostore 150 python3 scripts/bench_throughput.py --workload W1 --backend yaie \
+      --repeats 5 --out $OUT/nostore
+  TAIL=14 run w4 200 python3 scripts/bench_throughput.py --workload W4 --backend yaie --repeats 3 --out $OUT
+  ;;
+GO)
+  # GC freeze on/off alternated (process order confounded stage G): W1 x5 passes each
+  for i in 1 2; do for f in nofreeze freeze; do mkdir -p $OUT/${f}_$i
+    TAIL=7 run w1_${f}_$i 100 python3 scripts/bench_throughput.py --workload W1 --backend yaie --repeats 5 \
+        $([ $f = nofreeze ] && echo --no-gc-freeze) --out $OUT/${f}_$i
+  done; done
   ;;
 C)
   run w6_yaie 150 python3 scripts/bench_throughput.py --workload W6 --backend yaie --max-model-len 2048 --out $OUT

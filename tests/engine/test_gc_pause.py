@@ -1,0 +1,79 @@
+"""The collector-pause meter counts every collection, and the start-up freeze keeps live objects out of later
+collections while a later freeze reclaims what died in between (no leak across engines in one process)."""
+import gc
+import weakref
+
+import numpy as np
+
+from yaie_jax import LLM, SamplingParams
+from yaie_jax.gc_pause import PAUSES, GcPauseMeter, freeze_live_objects
+
+
+class Node:
+    def __init__(self):
+        self.other = self
+
+
+def test_meter_counts_a_full_collection():
+    before = PAUSES.snapshot()
+    gc.collect()
+    gc.collect(0)
+    d = GcPauseMeter.delta(PAUSES.snapshot(), before)
+    assert d["collections"][2] >= 1 and d["collections"][0] >= 1
+    assert d["pause_s"][2] > 0 and abs(d["total_pause_s"] - sum(d["pause_s"].values())) < 1e-9
+
+
+def test_freeze_skips_live_objects_and_the_next_freeze_reclaims_the_dead():
+    try:
+        node = Node()                      # a reference cycle: only the collector can free it
+        dead = weakref.ref(node)
+        n = freeze_live_objects()
+        assert n > 0 and gc.get_freeze_count() == n
+        del node
+        gc.collect()
+        assert dead() is not None          # frozen: collections do not walk it
+        freeze_live_objects()
+        assert dead() is None              # unfrozen, collected, then the rest frozen again
+    finally:
+        gc.unfreeze()
+
+
+def test_engine_freezes_at_start_up_and_reports_pauses(gpt2_dir):
+    base = dict(dtype="float32", attention_backend="xla", warmup=False, compile_cache_dir=None, max_num_seqs=4,
+                max_num_batched_tokens=64)
+    try:
+        gc.unfreeze()
+        LLM(gpt2_dir, gc_freeze=False, **base)
+        assert gc.get_freeze_count() == 0
+        llm = LLM(gpt2_dir, **base)
+        assert gc.get_freeze_count() > 0
+        prompt = np.random.default_rng().integers(1, 384, size=9).tolist()
+        before = llm.get_stats()["gc"]
+        gc.collect()
+        llm.generate([prompt], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), use_tqdm=False)
+        d = GcPauseMeter.delta(llm.get_stats()["gc"], before)
+        assert d["collections"][2] >= 1
+    finally:
+        gc.unfreeze()
+
+
+def test_idle_work_freezes_again_after_new_compiles_only(gpt2_dir, monkeypatch):
+    import yaie_jax.gc_pause as gc_pause
+    calls = []
+    real = gc_pause.freeze_live_objects
+    monkeypatch.setattr(gc_pause, "freeze_live_objects", lambda: calls.append(1) or real())
+    try:
+        llm = LLM(gpt2_dir, dtype="float32", attention_backend="xla", warmup=False, compile_cache_dir=None,
+                  max_num_seqs=4, max_num_batched_tokens=64)
+        assert len(calls) == 1 and not llm.engine.runner.compiling
+        llm.engine.idle_work()
+        assert len(calls) == 1                          # nothing compiled since start-up
+        prompt = np.random.default_rng().integers(1, 384, size=9).tolist()
+        llm.generate([prompt], SamplingParams(max_tokens=3, temperature=0.0), use_tqdm=False)   # compiles lazily
+        llm.engine.idle_work()
+        assert len(calls) == 2
+        llm.engine.idle_work()
+        llm.engine.wait_for_warmup()
+        assert len(calls) == 2
+    finally:
+        gc.unfreeze()

@@ -1,0 +1,68 @@
+"""Python garbage-collector pauses on the engine's thread: measure them, and keep long-lived objects out of them.
+
+A full (generation 2) collection walks every tracked object of the process. After jax, flax, transformers and a
+model are loaded, and the step programs traced, that is millions of objects, so one collection that lands between
+two device calls leaves the device idle for the length of the walk. `freeze_live_objects` collects once and then
+moves every live object into the collector's permanent generation (`gc.freeze`), so later collections walk only
+what was allocated after it (sequences, token lists, outputs). The engine calls it after start-up and again once
+programs compiled later are done (`LLMEngine._freeze_gc_objects`); vLLM and SGLang freeze after start-up too.
+
+`PAUSES` is the process-wide meter (one `gc.callbacks` hook, installed on import): collections per generation and
+the seconds they took.
+"""
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from typing import Dict
+
+
+class GcPauseMeter:
+    """Counts collections per generation and sums their wall-clock seconds (process-wide, every thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._start_s = 0.0
+        self.collections: Dict[int, int] = {0: 0, 1: 0, 2: 0}
+        self.pause_s: Dict[int, float] = {0: 0.0, 1: 0.0, 2: 0.0}
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start_s = time.perf_counter()
+            return
+        gen = int(info.get("generation", 2))
+        with self._lock:
+            self.collections[gen] = self.collections.get(gen, 0) + 1
+            self.pause_s[gen] = self.pause_s.get(gen, 0.0) + (time.perf_counter() - self._start_s)
+
+    def snapshot(self) -> dict:
+        """{"collections": {gen: count}, "pause_s": {gen: seconds}, "total_pause_s": seconds} since import."""
+        with self._lock:
+            return {"collections": dict(self.collections), "pause_s": dict(self.pause_s),
+                    "total_pause_s": sum(self.pause_s.values())}
+
+    @staticmethod
+    def delta(after: dict, before: dict) -> dict:
+        """`after - before` of two snapshots, in the snapshot's layout."""
+        return {"collections": {g: n - before["collections"].get(g, 0) for g, n in after["collections"].items()},
+                "pause_s": {g: s - before["pause_s"].get(g, 0.0) for g, s in after["pause_s"].items()},
+                "total_pause_s": after["total_pause_s"] - before["total_pause_s"]}
+
+
+PAUSES = GcPauseMeter()
+gc.callbacks.append(PAUSES)
+
+
+def freeze_live_objects() -> int:
+    """Collect once, then freeze every object alive now (`gc.freeze`): later collections skip them. Returns the
+    number of objects frozen.
+
+    An earlier freeze is undone first (`gc.unfreeze`), so a process that builds several engines (tests, a
+    notebook) reclaims the cyclic garbage of the earlier ones here; between two calls, frozen objects that die in
+    reference cycles are not reclaimed (those freed by reference counts are). What is frozen is mostly what lives
+    as long as the engine anyway (modules, the model, traced and compiled programs)."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
