@@ -132,3 +132,27 @@ def test_fingerprint_is_the_same_in_two_processes(model_dir, tmp_path):
         assert r.returncode == 0, r.stderr
         digests.append([ln for ln in r.stdout.splitlines() if ln.startswith("DIGEST")])
     assert digests[0] and digests[0] == digests[1]
+
+
+def test_cpu_programs_from_the_persistent_cache_are_not_stored(tmp_path):
+    """Three processes on one compile cache: the first compiles with the store off (filling JAX's persistent cache),
+    the second with the store on (its compiles are persistent-cache hits), the third with the store on. On the CPU
+    the second must not store what the persistent cache gave it: loaded in the third, such a program failed on its
+    first call (NOT_FOUND: Function wrapped_iota not found)."""
+    assert aot_cache.may_save(False) and not aot_cache.may_save(True)        # the CPU backend
+    model = support.make_llama_dir(str(tmp_path / "llama"))
+    code = ("import sys; from yaie_jax import LLM, SamplingParams; "
+            "llm = LLM(sys.argv[1], dtype='float32', attention_backend='xla', warmup=False, "
+            "compile_cache_dir=sys.argv[2], max_num_seqs=4, max_num_batched_tokens=64, num_decode_steps=4); "
+            "o = llm.generate([[1, 2, 3, 4, 5]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), "
+            "use_tqdm=False); print('TOKENS', o[0].outputs[0].token_ids)")
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    tokens = []
+    for store in ("0", "1", "1"):
+        env["YAIE_AOT_CACHE"] = store
+        r = subprocess.run([sys.executable, "-c", code, model, str(tmp_path / "cache")], capture_output=True,
+                           text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        tokens.append([ln for ln in r.stdout.splitlines() if ln.startswith("TOKENS")])
+    assert tokens[0] and tokens[0] == tokens[1] == tokens[2]

@@ -67,9 +67,45 @@ PACKAGES = ("yaie_jax", "pallas_kernels")
 def default_on() -> bool:
     """The store's default where YAIE_AOT_CACHE is not set: on for a GPU backend only. On the CPU a program
     loaded in a fresh process failed on its first call (jax 0.10.2, SmolLM2 via `make serve`: "NOT_FOUND:
-    Function wrapped_iota not found"), and the CPU backend compiles lazily anyway."""
+    Function wrapped_iota not found": see `may_save`), and the CPU backend compiles lazily anyway."""
     import jax
     return jax.default_backend() == "gpu"
+
+
+_PERSISTENT_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_thread_hits = threading.local()
+_listener_lock = threading.Lock()
+_listener_on = False
+
+
+def _on_jax_event(event: str, *args, **kwargs) -> None:
+    if event == _PERSISTENT_HIT_EVENT:
+        _thread_hits.count = getattr(_thread_hits, "count", 0) + 1
+
+
+def persistent_cache_hits() -> int:
+    """How many compiles on the calling thread JAX's persistent compilation cache has answered so far (a JAX
+    monitoring event, recorded on the compiling thread; counted from the first call of this function on)."""
+    global _listener_on
+    with _listener_lock:
+        if not _listener_on:
+            import jax
+            jax.monitoring.register_event_listener(_on_jax_event)
+            _listener_on = True
+    return getattr(_thread_hits, "count", 0)
+
+
+def may_save(from_persistent_cache: bool) -> bool:
+    """Whether a program just compiled may go into the store. Not on the CPU when JAX's persistent compilation
+    cache answered its compile: an XLA:CPU executable loaded from that cache and serialized again lacks its
+    functions' code, so a fresh process that loads it fails on its first call ("NOT_FOUND: Function wrapped_iota
+    not found", jax 0.10.2; reproduced by tests/test_aot_cache.py with three processes). On the GPU such programs
+    load and run (H200, jax 0.11.2: session 6, device call 7, whose last runs loaded programs stored from
+    persistent-cache hits), and storing them is what keeps a restart after a code change fast."""
+    if not from_persistent_cache:
+        return True
+    import jax
+    return jax.default_backend() != "cpu"
 
 
 def enabled() -> bool:

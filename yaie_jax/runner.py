@@ -425,6 +425,7 @@ class ModelRunner:
                     lowered = self._step_fn.lower(self.params, self.kv_caches, batch, sbatch,
                                                   decode=(kind == "decode"), flags=flags)
             t1 = time.perf_counter()
+            hits0 = aot_cache.persistent_cache_hits() if self._aot_store is not None else 0
             fn = lowered.compile()
             t2 = time.perf_counter()
             with self._compile_lock:
@@ -433,7 +434,7 @@ class ModelRunner:
                 self.compile_log.append((kind, rows, tokens, num_steps, t1 - t0, t2 - t1))
             logger.info("compiled %s S=%d T=%d steps=%d: trace+lower %.2f s, compile %.2f s", kind, rows, tokens,
                         num_steps, t1 - t0, t2 - t1)
-            if self._aot_store is not None:
+            if self._aot_store is not None and aot_cache.may_save(aot_cache.persistent_cache_hits() > hits0):
                 self._aot_store.save(key, fn)
         return fn
 
