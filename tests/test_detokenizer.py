@@ -467,3 +467,52 @@ def test_stop_strings_property(text, stops, include, chunks):
     assert det.stopped == (reason is not None) and det.stop_reason == reason
     for r in released:
         assert expected.startswith(r)
+
+
+def test_stop_string_in_a_held_back_replacement_run_is_found_at_flush():
+    """Trailing U+FFFD are held back (more bytes could make them a character), so a stop string that ends among
+    them is complete only when flush() makes them final; `.stopped` tells the caller after flush (the engine then
+    reports a stop-string finish)."""
+    bb = byte_bpe()
+    lone = byte_token(bb, 0x80)                                      # a continuation byte with no lead byte
+    out = enc(bb, "ok <") + [lone] * 5
+    for stop, include, want in (("\ufffd\ufffd", False, "ok <"), ("<\ufffd", False, "ok "),
+                                ("<\ufffd", True, "ok <\ufffd")):
+        det = IncrementalDetokenizer(bb, [], stop=[stop], include_stop_str_in_output=include)
+        det.add_tokens(out)
+        assert not det.stopped and det.text == "ok <"
+        det.flush()
+        assert det.stopped and det.stop_reason == stop and det.text == det.released_text == want
+
+
+@st.composite
+def byte_level_streams_with_stops(draw):
+    """A byte-level stream (any ids: broken UTF-8 too) and stop strings cut from its final decode (so they may
+    hold U+FFFD and span tokens), plus one that may not occur."""
+    bb = byte_bpe()
+    prompt, out, chunks = draw(byte_level_streams())
+    skip = draw(st.booleans())
+    text = bb.decode(out, skip_special_tokens=skip)
+    stops = []
+    for _ in range(draw(st.integers(1, 3))):
+        i = draw(st.integers(0, len(text)))
+        stops.append(text[i:i + draw(st.integers(1, 4))])
+    stops.append(draw(st.lists(st.sampled_from(list("ab \ufffd日")), min_size=1, max_size=3).map("".join)))
+    return prompt, out, chunks, skip, [s for s in stops if s]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=byte_level_streams_with_stops(), include=st.booleans())
+def test_stop_strings_on_broken_utf8_property(stream, include):
+    """With stop strings taken from text that holds U+FFFD, token by token (any chunking) + flush and finish()
+    give the text and stop reason that a character scan of the full decode gives."""
+    bb = byte_bpe()
+    prompt, out, chunks, skip, stops = stream
+    expected, reason = first_stop(bb.decode(out, skip_special_tokens=skip), stops, include)
+    a = IncrementalDetokenizer(bb, prompt, skip_special_tokens=skip, stop=stops, include_stop_str_in_output=include)
+    b = IncrementalDetokenizer(bb, prompt, skip_special_tokens=skip, stop=stops, include_stop_str_in_output=include)
+    deltas, released = feed(a, out, chunks)
+    assert "".join(deltas) + a.flush() == expected == a.text == b.finish(out) == b.text
+    assert (a.stop_reason, b.stop_reason) == (reason, reason)
+    for r in released:
+        assert expected.startswith(r)

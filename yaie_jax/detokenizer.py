@@ -292,7 +292,10 @@ class IncrementalDetokenizer:
         return delta
 
     def flush(self) -> str:
-        """End of the sequence (length, EOS, abort): decode what is pending and release all text."""
+        """End of the sequence (length, EOS, abort): decode what is pending and release all text. The text held
+        back until now (a trailing run of U+FFFD) may complete a stop string: the text is then cut there and
+        `.stopped` / `.stop_reason` are set by this call, so a caller reporting why the sequence ended reads them
+        after it."""
         if not self.stopped:
             self._add_text(self._decode_new(force=True))
         return self._release(final=True)

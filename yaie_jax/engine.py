@@ -440,11 +440,16 @@ class LLMEngine:
                                          decoded_token=decode_token(self.tokenizer, tid))
             seq.logprobs.append(entry)
         if seq.detokenizer is None and (seq.request.stream or seq.request.params.stop):
-            p = seq.request.params
-            seq.detokenizer = IncrementalDetokenizer(
-                self.tokenizer, seq.token_ids[:seq.num_prompt_tokens], skip_special_tokens=p.skip_special_tokens,
-                stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
-            seq.detok_fed = 0
+            self._new_detokenizer(seq)
+
+    def _new_detokenizer(self, seq: Sequence) -> None:
+        """Give `seq` a detokenizer (nothing fed yet) with its request's text and stop-string options; stop strings
+        count only when completed after the first min_tokens output tokens, as stop tokens do."""
+        p = seq.request.params
+        seq.detokenizer = IncrementalDetokenizer(
+            self.tokenizer, seq.token_ids[:seq.num_prompt_tokens], skip_special_tokens=p.skip_special_tokens,
+            stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output, min_tokens=p.min_tokens)
+        seq.detok_fed = 0
 
     def _check_stop(self, seq: Sequence) -> None:
         p = seq.request.params
@@ -454,7 +459,7 @@ class LLMEngine:
         if is_stop_token and n_out >= p.min_tokens:
             seq.text_excludes_last = True          # the stop token itself is not part of the text
             self._feed_detok(seq, exclude_last=True)
-            self.scheduler.finish_seq(seq, "stop", stop_reason=token if token in p.stop_token_ids else None)
+            self._finish_at_end_of_text(seq, "stop", token if token in p.stop_token_ids else None)
             return
         self._feed_detok(seq)
         det = seq.detokenizer
@@ -462,7 +467,23 @@ class LLMEngine:
             self.scheduler.finish_seq(seq, "stop", stop_reason=det.stop_reason)
             return
         if n_out >= seq.request.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            self.scheduler.finish_seq(seq, "length")
+            self._finish_at_end_of_text(seq, "length", None)
+
+    def _finish_at_end_of_text(self, seq: Sequence, reason: str, stop_reason) -> None:
+        """Finish `seq` for a token-level reason (a stop token, the length limit) once its tokens are fed.
+
+        Its text is final now, so the detokenizer releases what it held back (a trailing run of U+FFFD that more
+        bytes could have completed, a tail that could have begun a stop string). If that text completes a stop
+        string, the text is cut there and the sequence finishes as stopped by that string (vLLM's rule: a stop
+        string found in the last step's text wins over the length or stop-token reason); otherwise with `reason`.
+        """
+        det = seq.detokenizer
+        if det is not None and not seq.detok_flushed:
+            det.flush()
+            seq.detok_flushed = True
+            if det.stopped:
+                reason, stop_reason = "stop", det.stop_reason
+        self.scheduler.finish_seq(seq, reason, stop_reason=stop_reason)
 
     def _feed_detok(self, seq: Sequence, exclude_last: bool = False) -> None:
         det = seq.detokenizer
@@ -477,19 +498,15 @@ class LLMEngine:
     def _final_text(self, seq: Sequence) -> str:
         """Text of a sequence; decodes now if nobody needed it incrementally."""
         if seq.detokenizer is None:
-            p = seq.request.params
-            seq.detokenizer = IncrementalDetokenizer(
-                self.tokenizer, seq.token_ids[:seq.num_prompt_tokens], skip_special_tokens=p.skip_special_tokens,
-                stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
-            seq.detok_fed = 0
+            self._new_detokenizer(seq)
             if seq.is_finished():          # all tokens at once: one decode (add + flush)
-                end = len(seq.token_ids) - (1 if getattr(seq, "text_excludes_last", False) else 0)
+                end = len(seq.token_ids) - (1 if seq.text_excludes_last else 0)
                 seq.detokenizer.finish(seq.token_ids[seq.num_prompt_tokens:end])
                 seq.detok_fed = end - seq.num_prompt_tokens
                 seq.detok_flushed = True
             else:
-                self._feed_detok(seq, exclude_last=getattr(seq, "text_excludes_last", False))
-        if seq.is_finished() and not getattr(seq, "detok_flushed", False):
+                self._feed_detok(seq, exclude_last=seq.text_excludes_last)
+        if seq.is_finished() and not seq.detok_flushed:
             seq.detokenizer.flush()
             seq.detok_flushed = True
         return seq.detokenizer.text

@@ -45,6 +45,9 @@ class Sequence:
         self.logprobs: Optional[list] = [] if request.params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.detokenizer: Any = None                # set by the engine
+        self.detok_fed = 0                          # output tokens fed to the detokenizer
+        self.detok_flushed = False                  # the detokenizer has released its held-back tail
+        self.text_excludes_last = False             # the last token (a stop token) is not part of the text
         self.rng_counter = 0                        # draws made for this sequence (seeds per-token keys)
 
     @property

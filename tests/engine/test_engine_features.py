@@ -159,6 +159,62 @@ def test_stop_string_cut_from_text(llm):
     assert o2.text == text[:text.index(stop) + len(stop)]
 
 
+# prompts on which the tiny model (seed 0) ends its 20 greedy tokens in a run of lone UTF-8 bytes (U+FFFD each)
+# that covers text[5]: "VVV" + 17 U+FFFD, and "\x1bKK<" + 16 U+FFFD
+FFFD_TAIL_PROMPTS = [[279, 1, 46, 50, 75, 54], [19, 76, 180, 146, 165, 69]]
+
+
+def _stream_last(engine, prompt, params):
+    rid = engine.add_request(None, prompt, params, stream=True)
+    last = None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.request_id == rid:
+                last = o
+    return last.outputs[0]
+
+
+@pytest.mark.parametrize("prompt", FFFD_TAIL_PROMPTS)
+def test_stop_string_completed_in_the_held_back_tail(llm, prompt):
+    """A stop string that ends inside the trailing run of U+FFFD (bytes that more tokens could still have made a
+    character, so the detokenizer holds them back) is only complete once the sequence ends and the run is
+    flushed: the text is cut there and the finish is a stop-string stop, not "length" (streamed or not)."""
+    sp = dict(temperature=0, max_tokens=20, ignore_eos=True)
+    text = llm.generate([prompt], SamplingParams(**sp), use_tqdm=False)[0].outputs[0].text
+    stop = text[3:6]
+    cut = text.index(stop)
+    assert cut + len(stop) > len(text.rstrip("\ufffd")), f"no stop string in a U+FFFD tail here: {text!r}"
+    for include in (False, True):
+        params = SamplingParams(**sp, stop=[stop], include_stop_str_in_output=include)
+        want = text[:cut + len(stop)] if include else text[:cut]
+        for o in (llm.generate([prompt], params, use_tqdm=False)[0].outputs[0],
+                  _stream_last(llm.engine, prompt, params)):
+            assert (o.finish_reason, o.stop_reason, o.text) == ("stop", stop, want)
+            assert len(o.token_ids) == 20
+
+
+def test_min_tokens_defers_stop_strings(llm):
+    """vLLM's rule: a stop string counts only if completed by a token after the first min_tokens; one completed
+    earlier neither cuts the text nor stops the sequence."""
+    tok = llm.get_tokenizer()
+    sp = dict(temperature=0, max_tokens=20, ignore_eos=True)
+    for seed in range(20):
+        prompt = rand_prompt(np.random.default_rng(seed), 6)
+        ids = llm.generate([prompt], SamplingParams(**sp), use_tqdm=False)[0].outputs[0].token_ids
+        text = tok.decode(ids, skip_special_tokens=True)
+        stop, early = text[:2], tok.decode(ids[:8], skip_special_tokens=True)
+        if "\ufffd" not in text and len(stop) == 2 and len(early) >= 2:
+            break
+    else:
+        pytest.fail("no prompt with plain text to take an early stop string from")
+    o = llm.generate([prompt], SamplingParams(**sp, stop=[stop], min_tokens=8), use_tqdm=False)[0].outputs[0]
+    later = text.find(stop, len(early) - len(stop) + 1)          # first occurrence completed after 8 tokens
+    if later < 0:
+        assert (o.finish_reason, o.stop_reason, o.text) == ("length", None, text)
+    else:
+        assert (o.finish_reason, o.stop_reason, o.text) == ("stop", stop, text[:later])
+
+
 def test_n_samples_share_prompt_and_differ(llm):
     rng = np.random.default_rng()
     out = llm.generate([rand_prompt(rng, 20)], SamplingParams(n=4, temperature=1.0, max_tokens=8, seed=7,
