@@ -37,7 +37,8 @@ def run_yaie(model_dir: str, prompts, max_new, args, enable_prefix_caching: bool
               cascade_attention=cascade_attention and not args.no_cascade,
               attention_backend=args.attention_backend, num_decode_steps=args.num_decode_steps,
               max_model_len=args.max_model_len, warmup=not args.no_warmup,
-              gpu_memory_utilization=args.gpu_memory_utilization, gc_freeze=not args.no_gc_freeze)
+              gpu_memory_utilization=args.gpu_memory_utilization, gc_freeze=not args.no_gc_freeze,
+              pipelined_prefill=args.pipelined_prefill)
     startup_s = time.perf_counter() - t0
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_new]
     # Warm-up: the whole workload once (compiles every shape it meets), then the timed passes.
@@ -67,6 +68,8 @@ def run_yaie(model_dir: str, prompts, max_new, args, enable_prefix_caching: bool
             "num_preemptions": stats.get("num_preemptions", 0) - stats0.get("num_preemptions", 0),
             "num_device_calls": stats["num_steps"] - stats0["num_steps"],
             "num_pipelined_calls": stats["num_pipelined_calls"] - stats0["num_pipelined_calls"],
+            "num_pipelined_prefill_calls": stats["num_pipelined_prefill_calls"]
+            - stats0["num_pipelined_prefill_calls"],
             "num_cascade_calls": llm.engine.runner.num_cascade_calls - cascade0,
             # host seconds per engine phase; wait_device ~ time the host had nothing to do
             "host_time_s": {k: v - stats0["host_time_s"].get(k, 0.0) for k, v in stats["host_time_s"].items()},
@@ -191,6 +194,7 @@ def main() -> None:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--pipelined-prefill", action="store_true", help="engine arg pipelined_prefill=True")
     ap.add_argument("--no-gc-freeze", action="store_true", help="engine arg gc_freeze=False (yaie_jax/gc_pause.py)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed passes (yaie); the table shows the pass of median time, the JSON every pass's time")

@@ -164,6 +164,8 @@ class LLMEngine:
         self._num_pipelined_calls = 0                     # fused calls dispatched before the previous was read
         # pipelining needs the previous call's tokens on this process's devices: single-process only
         self._async_scheduling = config.async_scheduling and jax.process_count() == 1
+        self._pipelined_prefill = config.pipelined_prefill and self._async_scheduling
+        self._num_pipelined_prefill_calls = 0             # prompt steps dispatched before the previous was read
         self.served_model_name = config.served_model_name or (config.model or "default")
         if config.warmup:
             if jax.default_backend() == "cpu":
@@ -275,6 +277,8 @@ class LLMEngine:
         if self.runner.first_runs_pending:
             self.runner.run_first_runs()           # programs compiled in the background since the last step
         if self._inflight is not None:
+            if self._inflight.out.num_steps == 1:
+                return self._step_prefill_pipelined()
             return self._step_pipelined()
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
@@ -282,6 +286,9 @@ class LLMEngine:
         if out.scheduled and out.num_steps > 1 and self._async_scheduling:
             self._inflight = self._dispatch(out)
             return self._step_pipelined(timed_out=out.timed_out)
+        if out.scheduled and self._pipelines_after(out):
+            self._inflight = self._dispatch(out)
+            return self._step_prefill_pipelined(timed_out=out.timed_out)
         finished_now: Dict[str, Request] = {r.request_id: r for r in out.timed_out}
         touched: Dict[str, Request] = {}
         if out.scheduled:
@@ -347,6 +354,36 @@ class LLMEngine:
         if self._last_pipelined_t is not None and self._inflight is not None:
             self.scheduler.record_step_time((now - self._last_pipelined_t) * 1e3, len(cur.out.scheduled))
         self._last_pipelined_t = now if self._inflight is not None else None
+        return self._outputs(finished_now, touched)
+
+    def _pipelines_after(self, out: SchedulerOutput) -> bool:
+        """Whether the step after `out` may be scheduled and dispatched before `out`'s tokens are read back
+        (`pipelined_prefill`): `out` is a single step of prompt tokens only (no row decodes), and prompts wait.
+        The next step then holds only rows whose input tokens are on the host (prompt tokens): the rows sampling in
+        `out` sit it out, which is why a step with decode rows does not pipeline (they would decode every other
+        step)."""
+        return (self._pipelined_prefill and out.num_steps == 1 and bool(self.scheduler.waiting)
+                and all(s.seq.num_output_tokens == 0 for s in out.scheduled))
+
+    def _step_prefill_pipelined(self, timed_out: Iterable[Request] = ()) -> List[RequestOutput]:
+        """With a prompt step in flight: schedule and dispatch the next step first (if `_pipelines_after` allows;
+        the in-flight step's sampling rows are pinned: not scheduled, not preempted), then read back and process
+        the step in flight. The host's scheduling and dispatch of step i+1 overlap the device's step i."""
+        cur = self._inflight
+        self._inflight = None
+        finished_now: Dict[str, Request] = {r.request_id: r for r in timed_out}
+        if self._pipelines_after(cur.out):
+            t0 = time.perf_counter()
+            pinned = frozenset(s.seq.seq_id for s in cur.out.scheduled if s.sample)
+            nxt_out = self.scheduler.schedule(pinned=pinned)
+            self.host_time_s["schedule"] += time.perf_counter() - t0
+            finished_now.update((r.request_id, r) for r in nxt_out.timed_out)
+            if nxt_out.scheduled:
+                self._inflight = self._dispatch(nxt_out)
+                self._num_pipelined_prefill_calls += 1
+        touched: Dict[str, Request] = {}
+        result = self._fetch(cur)
+        self._process(cur.out, result, finished_now, touched)
         return self._outputs(finished_now, touched)
 
     def _process(self, out: SchedulerOutput, result, finished_now: Dict[str, Request],
@@ -542,6 +579,7 @@ class LLMEngine:
         stats["kv_cache_usage"] = 1.0 - stats["kv_blocks_free"] / max(1, stats["kv_blocks_total"])
         stats["num_steps"] = self._step_counter
         stats["num_pipelined_calls"] = self._num_pipelined_calls
+        stats["num_pipelined_prefill_calls"] = self._num_pipelined_prefill_calls
         stats["host_time_s"] = dict(self.host_time_s)
         stats["gc"] = gc_pause.PAUSES.snapshot()           # process-wide collector pauses since import
         stats["host_time_s"].update({f"dispatch.{k}": v for k, v in self.runner.host_time_s.items()})

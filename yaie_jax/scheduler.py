@@ -181,7 +181,10 @@ class Scheduler:
             self.waiting.append(seq)
 
     # ------------------------------------------------------------------ the step
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, pinned: frozenset = frozenset()) -> SchedulerOutput:
+        """The next step. pinned: ids of sequences whose sampled token is still on the device (a step in flight,
+        see `LLMEngine._step_prefill_pipelined`); they have no uncomputed token, so they are not scheduled, and they
+        are never chosen to be preempted (a swapped-out sequence would lose that token and never run again)."""
         now = time.monotonic()
         out = SchedulerOutput(scheduled=[], block_copies=[], swap_out=[], swap_in=[], timed_out=self._expire(now))
         budget = self.config.max_num_batched_tokens
@@ -225,8 +228,10 @@ class Scheduler:
                 continue
             while not self.bm.can_append_slots(seq.seq_id, n):
                 preempted_any = True
-                if queue:
-                    self._preempt(queue.pop(), out)
+                victim = next((q for q in reversed(queue) if q.seq_id not in pinned), None)
+                if victim is not None:
+                    queue.remove(victim)
+                    self._preempt(victim, out)
                 else:
                     self._preempt(seq, out)
                     break

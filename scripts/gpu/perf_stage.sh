@@ -9,6 +9,7 @@
 #   bash scripts/gpu/perf_stage.sh F   # W4 (host trace), start-up cold/warm, W3 serving (logs archived)
 #   bash scripts/gpu/perf_stage.sh G   # W1 x5 passes: default, no GC freeze, no program store; W4 x3 passes
 #   bash scripts/gpu/perf_stage.sh GO  # W1 x5 passes, GC freeze off/on alternated, twice
+#   bash scripts/gpu/perf_stage.sh P   # pipelined prefill off/on alternated: W4 and W1 (3 passes each)
 #   bash scripts/gpu/perf_stage.sh TP  # issue 8: GPT-2 large at TP sizes $TP_SIZES (2-4 GPU machine)
 set -x
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -54,6 +55,16 @@ GO)
     TAIL=7 run w1_${f}_$i 100 python3 scripts/bench_throughput.py --workload W1 --backend yaie --repeats 5 \
         $([ $f = nofreeze ] && echo --no-gc-freeze) --out $OUT/${f}_$i
   done; done
+  ;;
+P)
+  for i in 1 2; do for f in off on; do mkdir -p $OUT/pp_${f}_$i
+    TAIL=5 run w4_pp_${f}_$i 150 python3 scripts/bench_throughput.py --workload W4 --backend yaie --repeats 3 \
+        $([ $f = on ] && echo --pipelined-prefill) --out $OUT/pp_${f}_$i
+  done; done
+  for f in off on; do mkdir -p $OUT/w1_pp_$f
+    TAIL=3 run w1_pp_$f 100 python3 scripts/bench_throughput.py --workload W1 --backend yaie --repeats 5 \
+        $([ $f = on ] && echo --pipelined-prefill) --out $OUT/w1_pp_$f
+  done
   ;;
 C)
   run w6_yaie 150 python3 scripts/bench_throughput.py --workload W6 --backend yaie --max-model-len 2048 --out $OUT

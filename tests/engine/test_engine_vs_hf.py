@@ -44,6 +44,12 @@ CASES = {
     "multi_step_sync": dict(num_decode_steps=4, async_scheduling=False),
     # more prompts than max_num_seqs: fused (and pipelined) calls run while the rest wait for a free row
     "multi_step_capped": dict(num_decode_steps=5, max_num_seqs=6),
+    # prompt steps dispatched before the previous prompt step's tokens are read back
+    "pipelined_prefill": dict(pipelined_prefill=True, max_num_batched_tokens=64, num_decode_steps=4),
+    "pipelined_prefill_swap": dict(pipelined_prefill=True, max_num_batched_tokens=64, num_gpu_blocks=12,
+                                   num_cpu_blocks=64, preemption_mode="swap"),
+    "pipelined_prefill_recompute": dict(pipelined_prefill=True, max_num_batched_tokens=64, num_gpu_blocks=12,
+                                        preemption_mode="recompute"),
 }
 
 
@@ -69,6 +75,7 @@ def test_greedy_matches_hf(gpt2_dir, prompts_and_refs, case):
         assert stats["num_pipelined_calls"] > 0
     if case == "multi_step_sync":
         assert stats["num_pipelined_calls"] == 0
+    assert (stats["num_pipelined_prefill_calls"] > 0) == case.startswith("pipelined_prefill")
     if case != "no_prefix_cache":
         assert stats["prefix_cache_hit_tokens"] > 0
     # nothing is held after everything finished, except by the prefix cache
