@@ -156,7 +156,7 @@ class LLMEngine:
         self.vocab_size = self.model_config.vocab_size
         self._request_counter = itertools.count()
         self._step_counter = 0
-        self._inflight: Optional[_InFlight] = None        # a dispatched fused decode call not yet read back
+        self._inflight: Optional[_InFlight] = None        # a dispatched call not yet read back (fused or prompt)
         self._last_pipelined_t: Optional[float] = None
         # host seconds per phase of step() (schedule, sampling_batch, dispatch, commit, wait_device, process):
         # where the host's time goes; wait_device near 0 means the device waits on the host
@@ -273,7 +273,8 @@ class LLMEngine:
 
         Fused decode calls are pipelined (`async_scheduling`): the next fused call is scheduled and dispatched
         before the tokens of the one in flight are read back, so the host's bookkeeping for call i overlaps the
-        device's work on call i+1. A step() then returns call i's outputs while call i+1 runs."""
+        device's work on call i+1. A step() then returns call i's outputs while call i+1 runs. With
+        `pipelined_prefill`, prompt-only steps pipeline the same way (`_step_prefill_pipelined`)."""
         if self.runner.first_runs_pending:
             self.runner.run_first_runs()           # programs compiled in the background since the last step
         if self._inflight is not None:
