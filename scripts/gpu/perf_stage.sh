@@ -68,7 +68,7 @@ P)
   ;;
 C)
   run w6_yaie 150 python3 scripts/bench_throughput.py --workload W6 --backend yaie --max-model-len 2048 --out $OUT
-  run w6_hf 200 python3 scripts/bench_throughput.py --workload W6 --backend hf --out $OUT
+  run w6_hf 400 python3 scripts/bench_throughput.py --workload W6 --backend hf --out $OUT
   ;;
 K)
   run gpu_tests 240 python3 -m pytest tests/gpu -q -x -p no:cacheprovider
