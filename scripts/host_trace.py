@@ -20,12 +20,14 @@ import threading
 import time
 from typing import Dict
 
+from yaie_jax.gc_pause import GcPauseMeter
+
 
 class HostTrace:
     def __init__(self, engine):
         self.engine = engine
         self.parts: Dict[str, list] = collections.defaultdict(lambda: [0, 0.0, 0.0])   # name: [calls, wall, cpu]
-        self.gc_pauses: Dict[int, list] = collections.defaultdict(list)
+        self.gc = GcPauseMeter()                  # collections during the trace only
         self._restore = []
 
     # ------------------------------------------------------------------ wrapping
@@ -47,12 +49,6 @@ class HostTrace:
         original = getattr(obj, attr)
         self._restore.append((obj, attr, obj.__dict__.get(attr)))
         setattr(obj, attr, self._timed(name, original))
-
-    def _gc_callback(self, phase, info):
-        if phase == "start":
-            self._gc_t0 = time.perf_counter()
-        else:
-            self.gc_pauses[info["generation"]].append(time.perf_counter() - self._gc_t0)
 
     def __enter__(self):
         runner = self.engine.runner
@@ -103,14 +99,14 @@ class HostTrace:
         runner.compiled = compiled_timed
         self._programs0 = len(runner.compile_log)
         self._threads = sorted(t.name for t in threading.enumerate())
-        gc.callbacks.append(self._gc_callback)
+        gc.callbacks.append(self.gc)
         self._w0, self._c0 = time.perf_counter(), time.thread_time()
         return self
 
     def __exit__(self, *exc):
         self.wall_s = time.perf_counter() - self._w0
         self.cpu_s = time.thread_time() - self._c0
-        gc.callbacks.remove(self._gc_callback)
+        gc.callbacks.remove(self.gc)
         for obj, attr, own in reversed(self._restore):
             if own is None:
                 delattr(obj, attr)            # the wrapper hid the class's method
@@ -121,8 +117,8 @@ class HostTrace:
 
     def summary(self) -> dict:
         return {"wall_s": self.wall_s, "main_thread_cpu_s": self.cpu_s,
-                "gc_pauses": {str(g): {"count": len(p), "total_s": sum(p), "max_s": max(p)}
-                              for g, p in sorted(self.gc_pauses.items())},
+                "gc_pauses": {str(g): {"count": n, "total_s": self.gc.pause_s[g], "max_s": self.gc.max_pause_s[g]}
+                              for g, n in sorted(self.gc.collections.items()) if n},
                 "threads_at_start": self._threads, "programs_compiled_during_pass": self.programs_compiled,
                 "parts": {k: {"calls": v[0], "wall_s": v[1], "cpu_s": v[2]} for k, v in sorted(self.parts.items())},
                 "timeline": self.timeline}

@@ -274,22 +274,17 @@ class LLMEngine:
         Fused decode calls are pipelined (`async_scheduling`): the next fused call is scheduled and dispatched
         before the tokens of the one in flight are read back, so the host's bookkeeping for call i overlaps the
         device's work on call i+1. A step() then returns call i's outputs while call i+1 runs. With
-        `pipelined_prefill`, prompt-only steps pipeline the same way (`_step_prefill_pipelined`)."""
+        `pipelined_prefill`, prompt-only steps pipeline the same way (`_step_pipelined`)."""
         if self.runner.first_runs_pending:
             self.runner.run_first_runs()           # programs compiled in the background since the last step
         if self._inflight is not None:
-            if self._inflight.out.num_steps == 1:
-                return self._step_prefill_pipelined()
             return self._step_pipelined()
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         self.host_time_s["schedule"] += time.perf_counter() - t0
-        if out.scheduled and out.num_steps > 1 and self._async_scheduling:
+        if out.scheduled and ((out.num_steps > 1 and self._async_scheduling) or self._pipelines_after(out)):
             self._inflight = self._dispatch(out)
             return self._step_pipelined(timed_out=out.timed_out)
-        if out.scheduled and self._pipelines_after(out):
-            self._inflight = self._dispatch(out)
-            return self._step_prefill_pipelined(timed_out=out.timed_out)
         finished_now: Dict[str, Request] = {r.request_id: r for r in out.timed_out}
         touched: Dict[str, Request] = {}
         if out.scheduled:
@@ -339,22 +334,38 @@ class LLMEngine:
         return _InFlight(out, result, {s.seq.seq_id: i for i, s in enumerate(rows)}, last)
 
     def _step_pipelined(self, timed_out: Iterable[Request] = ()) -> List[RequestOutput]:
-        """Dispatch the continuation of the fused call in flight (if the scheduler has one), then read back and
-        process the call in flight."""
+        """With a call in flight: schedule and dispatch the next one first, then read back and process the call in
+        flight, so the host's scheduling and dispatch of call i+1 overlap the device's call i. After a fused call
+        the next is its continuation (`Scheduler.schedule_continuation`: input tokens taken on the device); after
+        a prompt step (`pipelined_prefill`, if `_pipelines_after` allows) it is a normal step, the in-flight step's
+        sampling rows pinned (not scheduled, not preempted). Nothing is dispatched when neither applies."""
         cur = self._inflight
+        fused = cur.out.num_steps > 1
+        nxt_out = None
         t0 = time.perf_counter()
-        nxt_out = self.scheduler.schedule_continuation(pending=cur.out.num_steps)
+        if fused:
+            nxt_out = self.scheduler.schedule_continuation(pending=cur.out.num_steps)
+        elif self._pipelines_after(cur.out):
+            nxt_out = self.scheduler.schedule(pinned=frozenset(s.seq.seq_id for s in cur.out.scheduled if s.sample))
         self.host_time_s["schedule"] += time.perf_counter() - t0
-        self._inflight = self._dispatch(nxt_out, prev=cur) if nxt_out.scheduled else None
-        self._num_pipelined_calls += self._inflight is not None
-        finished_now: Dict[str, Request] = {r.request_id: r for r in list(timed_out) + nxt_out.timed_out}
+        self._inflight = None
+        if nxt_out is not None and nxt_out.scheduled:
+            self._inflight = self._dispatch(nxt_out, prev=cur if fused else None)
+            if fused:
+                self._num_pipelined_calls += 1
+            else:
+                self._num_pipelined_prefill_calls += 1
+        finished_now: Dict[str, Request] = {r.request_id: r for r in timed_out}
+        if nxt_out is not None:
+            finished_now.update((r.request_id, r) for r in nxt_out.timed_out)
         touched: Dict[str, Request] = {}
         result = self._fetch(cur)
         self._process(cur.out, result, finished_now, touched)
-        now = time.perf_counter()
-        if self._last_pipelined_t is not None and self._inflight is not None:
-            self.scheduler.record_step_time((now - self._last_pipelined_t) * 1e3, len(cur.out.scheduled))
-        self._last_pipelined_t = now if self._inflight is not None else None
+        if fused:
+            now = time.perf_counter()
+            if self._last_pipelined_t is not None and self._inflight is not None:
+                self.scheduler.record_step_time((now - self._last_pipelined_t) * 1e3, len(cur.out.scheduled))
+            self._last_pipelined_t = now if self._inflight is not None else None
         return self._outputs(finished_now, touched)
 
     def _pipelines_after(self, out: SchedulerOutput) -> bool:
@@ -365,27 +376,6 @@ class LLMEngine:
         step)."""
         return (self._pipelined_prefill and out.num_steps == 1 and bool(self.scheduler.waiting)
                 and all(s.seq.num_output_tokens == 0 for s in out.scheduled))
-
-    def _step_prefill_pipelined(self, timed_out: Iterable[Request] = ()) -> List[RequestOutput]:
-        """With a prompt step in flight: schedule and dispatch the next step first (if `_pipelines_after` allows;
-        the in-flight step's sampling rows are pinned: not scheduled, not preempted), then read back and process
-        the step in flight. The host's scheduling and dispatch of step i+1 overlap the device's step i."""
-        cur = self._inflight
-        self._inflight = None
-        finished_now: Dict[str, Request] = {r.request_id: r for r in timed_out}
-        if self._pipelines_after(cur.out):
-            t0 = time.perf_counter()
-            pinned = frozenset(s.seq.seq_id for s in cur.out.scheduled if s.sample)
-            nxt_out = self.scheduler.schedule(pinned=pinned)
-            self.host_time_s["schedule"] += time.perf_counter() - t0
-            finished_now.update((r.request_id, r) for r in nxt_out.timed_out)
-            if nxt_out.scheduled:
-                self._inflight = self._dispatch(nxt_out)
-                self._num_pipelined_prefill_calls += 1
-        touched: Dict[str, Request] = {}
-        result = self._fetch(cur)
-        self._process(cur.out, result, finished_now, touched)
-        return self._outputs(finished_now, touched)
 
     def _process(self, out: SchedulerOutput, result, finished_now: Dict[str, Request],
                  touched: Dict[str, Request]) -> None:

@@ -19,22 +19,27 @@ from typing import Dict
 
 
 class GcPauseMeter:
-    """Counts collections per generation and sums their wall-clock seconds (process-wide, every thread)."""
+    """Counts collections per generation, sums their wall-clock seconds and keeps the longest (process-wide, every
+    thread). Call it from `gc.callbacks`: `PAUSES` below is installed for the whole process; a tool measuring one
+    window may install its own (`scripts/host_trace.py`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._start_s = 0.0
         self.collections: Dict[int, int] = {0: 0, 1: 0, 2: 0}
         self.pause_s: Dict[int, float] = {0: 0.0, 1: 0.0, 2: 0.0}
+        self.max_pause_s: Dict[int, float] = {0: 0.0, 1: 0.0, 2: 0.0}
 
     def __call__(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._start_s = time.perf_counter()
             return
         gen = int(info.get("generation", 2))
+        pause = time.perf_counter() - self._start_s
         with self._lock:
             self.collections[gen] = self.collections.get(gen, 0) + 1
-            self.pause_s[gen] = self.pause_s.get(gen, 0.0) + (time.perf_counter() - self._start_s)
+            self.pause_s[gen] = self.pause_s.get(gen, 0.0) + pause
+            self.max_pause_s[gen] = max(self.max_pause_s.get(gen, 0.0), pause)
 
     def snapshot(self) -> dict:
         """{"collections": {gen: count}, "pause_s": {gen: seconds}, "total_pause_s": seconds} since import."""

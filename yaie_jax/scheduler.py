@@ -183,7 +183,7 @@ class Scheduler:
     # ------------------------------------------------------------------ the step
     def schedule(self, pinned: frozenset = frozenset()) -> SchedulerOutput:
         """The next step. pinned: ids of sequences whose sampled token is still on the device (a step in flight,
-        see `LLMEngine._step_prefill_pipelined`); they have no uncomputed token, so they are not scheduled, and they
+        see `LLMEngine._step_pipelined`); they have no uncomputed token, so they are not scheduled, and they
         are never chosen to be preempted (a swapped-out sequence would lose that token and never run again)."""
         now = time.monotonic()
         out = SchedulerOutput(scheduled=[], block_copies=[], swap_out=[], swap_in=[], timed_out=self._expire(now))

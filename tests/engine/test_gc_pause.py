@@ -21,6 +21,7 @@ def test_meter_counts_a_full_collection():
     d = GcPauseMeter.delta(PAUSES.snapshot(), before)
     assert d["collections"][2] >= 1 and d["collections"][0] >= 1
     assert d["pause_s"][2] > 0 and abs(d["total_pause_s"] - sum(d["pause_s"].values())) < 1e-9
+    assert 0 < PAUSES.max_pause_s[2] <= PAUSES.pause_s[2]
 
 
 def test_freeze_skips_live_objects_and_the_next_freeze_reclaims_the_dead():
