@@ -199,6 +199,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed passes (yaie); the table shows the pass of median time, the JSON every pass's time")
     ap.add_argument("--no-cascade", action="store_true", help="plain paged decode even where prefixes are shared")
+    ap.add_argument("--w4-rows", default="on,on-nocascade,off",
+                    help="W4 engines to run, in order: on (prefix cache, cascade decode), on-nocascade, off")
     ap.add_argument("--hf-attn", default="paged|sdpa")
     ap.add_argument("--host-trace", action="store_true",
                     help="time the runner's parts, main-thread CPU and GC pauses during the timed pass "
@@ -218,7 +220,9 @@ def main() -> None:
         rows.append({"backend": "hf", **run_hf(model_dir, prompts, max_new, args)})
     elif args.workload == "W4":
         # prefix cache on (with cascade decode attention, then without it, to attribute the gain), then off
-        for on, cascade in ((True, True), (True, False), (False, False)):
+        configs = {"on": (True, True), "on-nocascade": (True, False), "off": (False, False)}
+        for key in args.w4_rows.split(","):
+            on, cascade = configs[key]
             if cascade and args.no_cascade:
                 continue
             name = f"yaie prefix_cache={'on' if on else 'off'}" + (" cascade=off" if on and not cascade else "")

@@ -6,9 +6,11 @@ conditions and frees finished sequences' memory (their computed blocks go to the
 """
 from __future__ import annotations
 
+import array
 import collections
 import concurrent.futures
 import itertools
+import operator
 import logging
 import os
 import time
@@ -148,8 +150,11 @@ class LLMEngine:
             placement = make_tp_placement(self.model, config.tensor_parallel_size)
         else:
             placement = {}
+        t0 = time.perf_counter()
         self.runner = ModelRunner(self.model, config, self.max_model_len, num_gpu_blocks=config.num_gpu_blocks,
                                   **placement)
+        logger.info("model runner ready in %.2f s (weights on the device, KV pool of %d blocks)",
+                    time.perf_counter() - t0, self.runner.num_gpu_blocks)
         self.block_manager = BlockManager(self.runner.num_gpu_blocks, config.block_size, config.num_cpu_blocks,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
@@ -205,23 +210,11 @@ class LLMEngine:
                 prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=self._add_special_tokens())
                 text = prompt
             else:
-                prompt_token_ids = list(prompt)
+                prompt_token_ids = prompt
                 text = None
         else:
             text = prompt if isinstance(prompt, str) else None
-        ids = np.asarray(prompt_token_ids) if not isinstance(prompt_token_ids, np.ndarray) else prompt_token_ids
-        if ids.ndim == 1 and ids.dtype.kind in "iu":       # integers already (the common case): vectorized checks
-            if not ids.size:
-                raise ValueError("the prompt is empty")
-            if ids.min() < 0 or ids.max() >= self.vocab_size:
-                raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-            prompt_token_ids = ids.tolist()
-        else:
-            prompt_token_ids = [int(t) for t in prompt_token_ids]
-            if not prompt_token_ids:
-                raise ValueError("the prompt is empty")
-            if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
-                raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        prompt_token_ids = self._checked_token_ids(prompt_token_ids)
         n_prompt = len(prompt_token_ids)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n_prompt
         if n_prompt + max_tokens > self.max_model_len or max_tokens < 1:
@@ -239,6 +232,32 @@ class LLMEngine:
                       max_tokens=max_tokens)
         req.stream = stream
         return req
+
+    def _checked_token_ids(self, ids) -> List[int]:
+        """`ids` (a sequence of integers: ints, numpy integers or bools, or a 1-D integer array) as a new list of
+        Python ints, or ValueError: empty, not integers, or outside [0, vocab_size). A list of ints goes through
+        a C array (about twice as fast as numpy's type inference for a 576-token prompt; this runs once per
+        request, before the request's first schedule)."""
+        try:
+            arr = array.array("q", ids.tolist() if isinstance(ids, np.ndarray) and ids.ndim == 1 else ids)
+        except (TypeError, OverflowError, ValueError):
+            arr = None                                   # floats, strings, nested lists, huge ints: checked below
+        if arr is None:
+            try:
+                out = [operator.index(t) for t in ids]
+            except TypeError:
+                raise ValueError("prompt token ids must be integers") from None
+            if out and (min(out) < 0 or max(out) >= self.vocab_size):
+                raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        else:
+            out = arr.tolist()
+            if out:
+                view = np.frombuffer(arr, np.int64)      # [n] no copy
+                if view.min() < 0 or view.max() >= self.vocab_size:
+                    raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if not out:
+            raise ValueError("the prompt is empty")
+        return out
 
     def add_request(self, request_id: Optional[str], prompt: PromptType, params: Optional[SamplingParams] = None,
                     **kwargs) -> str:
@@ -582,8 +601,12 @@ class LLMEngine:
     def warmup(self, background: bool = True) -> None:
         """Compile the step programs (see `ModelRunner.warmup`) and run each once; `wait_for_warmup` joins
         background compiles."""
+        t0 = time.perf_counter()
         self.runner.warmup(background=background)
-        self.runner.run_first_runs()
+        t1 = time.perf_counter()
+        n = self.runner.run_first_runs()
+        logger.info("warm-up: %d step programs ready in %.2f s; their first runs dispatched in %.2f s", n, t1 - t0,
+                    time.perf_counter() - t1)
 
     def idle_work(self) -> None:
         """What the engine's thread may do while no request is waiting: run the programs compiled in the

@@ -10,6 +10,7 @@
 #   bash scripts/gpu/perf_stage.sh G   # W1 x5 passes: default, no GC freeze, no program store; W4 x3 passes
 #   bash scripts/gpu/perf_stage.sh GO  # W1 x5 passes, GC freeze off/on alternated, twice
 #   bash scripts/gpu/perf_stage.sh P   # pipelined prefill off/on alternated: W4 and W1 (3 passes each)
+#   bash scripts/gpu/perf_stage.sh H   # W4 x3 runs (prefix cache on/off), start-up cold/warm, W1 x5 passes
 #   bash scripts/gpu/perf_stage.sh TP  # issue 8: GPT-2 large at TP sizes $TP_SIZES (2-4 GPU machine)
 set -x
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -65,6 +66,17 @@ P)
     TAIL=3 run w1_pp_$f 100 python3 scripts/bench_throughput.py --workload W1 --backend yaie --repeats 5 \
         $([ $f = on ] && echo --pipelined-prefill) --out $OUT/w1_pp_$f
   done
+  ;;
+H)
+  # session 7: W4 TTFT after the host-cost cuts (3 runs, prefix cache on/off), W1 check, start-up cold/warm
+  for i in 1 2 3; do mkdir -p $OUT/w4_$i
+    TAIL=5 run w4_$i 200 python3 scripts/bench_throughput.py --workload W4 --backend yaie --repeats 3 --w4-rows on,off \
+        --out $OUT/w4_$i
+  done
+  wheels || exit 1
+  run startup 150 python3 scripts/bench_startup.py --runs cold,warm --out $OUT -- --max-num-seqs 256 \
+      --num-decode-steps 4 --max-num-batched-tokens 4096 --gpu-memory-utilization 0.5
+  TAIL=3 run w1 120 python3 scripts/bench_throughput.py --workload W1 --backend yaie --repeats 5 --out $OUT
   ;;
 C)
   run w6_yaie 150 python3 scripts/bench_throughput.py --workload W6 --backend yaie --max-model-len 2048 --out $OUT

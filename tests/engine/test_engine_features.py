@@ -1,5 +1,6 @@
 """Engine features beyond plain greedy: sampling, stops, n > 1, logprobs, deadlines, abort, policies."""
 import time
+import types
 
 import numpy as np
 import pytest
@@ -339,3 +340,22 @@ def test_target_itl_shrinks_decode_batch(gpt2_dir):
     while eng.has_unfinished_requests():
         eng.step()
     assert eng.scheduler.decode_cap < 8
+
+
+@pytest.mark.parametrize("ids, want", [
+    ([3, 0, 9], [3, 0, 9]), ((1, 2), [1, 2]), (np.array([4, 5], np.int32), [4, 5]),
+    ([np.int64(7), 2], [7, 2]), ([True, 2], [1, 2]), (np.array([9], np.uint8), [9]),
+])
+def test_checked_token_ids_accepts_integers(ids, want):
+    out = LLMEngine._checked_token_ids(types.SimpleNamespace(vocab_size=10), ids)
+    assert out == want and all(type(t) is int for t in out)
+
+
+@pytest.mark.parametrize("ids, match", [
+    ([], "empty"), (np.array([], np.int64), "empty"), ([10], r"\[0, 10\)"), ([-1, 3], r"\[0, 10\)"),
+    ([2 ** 70], "integers|\\[0, 10\\)"), ([1.5], "integers"), (["3"], "integers"), (np.array([1.0]), "integers"),
+    ([[1, 2]], "integers"), (np.zeros((2, 2), np.int64), "integers"),
+])
+def test_checked_token_ids_rejects_bad_input(ids, match):
+    with pytest.raises(ValueError, match=match):
+        LLMEngine._checked_token_ids(types.SimpleNamespace(vocab_size=10), ids)
