@@ -80,6 +80,7 @@ def run_yaie(model_dir: str, prompts, max_new, args, enable_prefix_caching: bool
     median = sorted(range(len(passes)), key=lambda j: times[j])[len(passes) // 2]
     row = {**passes[median], "startup_s": startup_s, "repeats": len(passes), "elapsed_s_all": times,
            "passes": [{"elapsed_s": p["elapsed_s"], "output_tok_s": p["output_tokens"] / p["elapsed_s"],
+                       "mean_ttft_s": p["mean_ttft_s"],
                        "gc_full_collections": p["gc"]["collections"][2],
                        "gc_pause_ms": p["gc"]["total_pause_s"] * 1e3} for p in passes]}
     row["output_tok_s"] = row["output_tokens"] / row["elapsed_s"]
