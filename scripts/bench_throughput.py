@@ -46,6 +46,9 @@ def run_yaie(model_dir: str, prompts, max_new, args, enable_prefix_caching: bool
     llm.generate(prompts, params, use_tqdm=False)
     llm.engine.wait_for_warmup()              # every bucket compiled (background compiles after start-up)
     print(f"warm-up pass {time.perf_counter() - t0:.1f} s", flush=True)
+    for _ in range(args.warmup_passes - 1):   # more untimed passes (is one enough for a steady state?)
+        llm.engine.block_manager.reset_prefix_cache()
+        llm.generate(prompts, params, use_tqdm=False)
     from yaie_jax.gc_pause import GcPauseMeter
     passes = []
     for i in range(args.repeats):
@@ -195,6 +198,7 @@ def main() -> None:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--warmup-passes", type=int, default=1, help="untimed passes of the workload before the timed ones")
     ap.add_argument("--pipelined-prefill", action="store_true", help="engine arg pipelined_prefill=True")
     ap.add_argument("--no-gc-freeze", action="store_true", help="engine arg gc_freeze=False (yaie_jax/gc_pause.py)")
     ap.add_argument("--repeats", type=int, default=3,
