@@ -118,7 +118,9 @@ class BlockManager:
             self.queried_tokens += len(token_ids)
             if len(token_ids) > self.block_size:
                 blocks = self.tree.match(token_ids, len(token_ids) - 1)
-                self.tree.acquire_path(blocks)    # root first: each lock stops at its already-locked parent
+                acquire = self.tree.acquire
+                for b in blocks:          # root first: each lock stops at its already-locked parent
+                    acquire(b)
                 self.hit_tokens += len(blocks) * self.block_size
         self.seqs[seq_id] = SeqBlocks(blocks, len(blocks) * self.block_size, tree_blocks=len(blocks))
         return len(blocks) * self.block_size
@@ -241,7 +243,9 @@ class BlockManager:
             raise ValueError(f"sequence {child_seq_id!r} already exists")
         p = self._seq(parent_seq_id)
         child = SeqBlocks(list(p.blocks), p.num_tokens, tree_blocks=p.tree_blocks)
-        self.tree.acquire_path(p.blocks)
+        acquire = self.tree.acquire
+        for b in p.blocks:
+            acquire(b)
         if p.swapped:
             for c in p.cpu_blocks:
                 self.host.incref(c)
@@ -270,11 +274,8 @@ class BlockManager:
         if n_full == 0:
             return
         blocks = s.blocks
-        known = min(s.tree_blocks, n_full)
-        # the insert starts after blocks[:known] when blocks[known - 1] is a tree node: canon[:known] is theirs
-        first = known if known and blocks[known - 1] in self.tree else 0
-        canon = self.tree.insert(token_ids, blocks[:n_full], known=known)
-        dup = [j for j in range(first, n_full) if canon[j] != blocks[j]]
+        canon = self.tree.insert(token_ids, blocks[:n_full], known=min(s.tree_blocks, n_full))
+        dup = [j for j in range(n_full) if canon[j] != blocks[j]]
         if dup and not switch:
             s.tree_blocks = max(s.tree_blocks, dup[0])     # its blocks are the tree's up to the first duplicate
             return

@@ -167,21 +167,6 @@ class RadixCache:
                 self.num_unlocked -= 1
                 self._lock_up(node.parent)
 
-    def acquire_path(self, blocks: Sequence[int]) -> None:
-        """`acquire` each of `blocks` in order (a path root first, as `match` returns it), in one call."""
-        refcount = self.pool.refcount
-        nodes = self.nodes
-        for b in blocks:
-            if refcount[b] <= 0:
-                raise AssertionError(f"acquire of free block {b}")
-            refcount[b] += 1
-            node = nodes.get(b)
-            if node is not None:
-                node.lock_ref += 1
-                if node.lock_ref == 1:
-                    self.num_unlocked -= 1
-                    self._lock_up(node.parent)
-
     def release(self, b: int) -> int:
         """A non-tree holder drops its reference on `b`. Returns the new refcount (0: the block is free).
         Releasing a path leaf-first keeps this O(1) per block."""
