@@ -322,6 +322,44 @@ def test_finish_equals_add_then_flush(stream, skip, sp_text):
         assert a.text == b.text and b.num_output_tokens == len(out)
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(streams=st.lists(byte_level_streams(), min_size=1, max_size=6), skip=st.booleans(),
+       sp_texts=st.lists(st.tuples(st.lists(TEXT_ALPHABET, max_size=6).map("".join),
+                                   st.lists(TEXT_ALPHABET, max_size=20).map("".join)), min_size=1, max_size=4))
+def test_final_texts_equal_finish(streams, skip, sp_texts):
+    """`final_texts` (batched decodes for many finished outputs) gives each output the text a fresh detokenizer's
+    `finish` gives, on both tokenizers, for any prompt (broken UTF-8 at its end too) and output; None only where
+    the context starts inside a character, and never for a clean prompt."""
+    sp = sentencepiece_bpe()
+    cases = [(byte_bpe(), [(p, o) for p, o, _ in streams]),
+             (sp, [(enc(sp, a) or [sp.bos_token_id], enc(sp, b)) for a, b in sp_texts])]
+    for tok, items in cases:
+        got = detok_mod.final_texts(tok, items, skip_special_tokens=skip)
+        assert len(got) == len(items)
+        for (prompt, out), text in zip(items, got):
+            want = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip).finish(out)
+            if text is None:
+                assert "\ufffd" in tok.decode(prompt[-detok_mod.CONTEXT_TOKENS:], skip_special_tokens=skip)
+            else:
+                assert text == want
+
+
+def test_final_texts_branches():
+    """The three cases of the batched rule, each against `finish`: a clean context, a prompt ending inside a
+    character (no context), a context starting inside one (None: left to the detokenizer)."""
+    bb = byte_bpe()
+    emoji = enc(bb, "😀")
+    assert len(emoji) > 1
+    out = enc(bb, " über fox")
+    clean, cut_end = enc(bb, "The quick brown fox"), enc(bb, "ab") + emoji[:-1]
+    cut_start = enc(bb, "ab") + emoji[1:] * 2 + enc(bb, "a")      # context: 4 continuation bytes, then "a"
+    got = detok_mod.final_texts(bb, [(clean, out), (cut_end, out), (cut_start, out)])
+    for prompt, text in zip((clean, cut_end), got):
+        assert text == IncrementalDetokenizer(bb, prompt).finish(out)
+    assert got[1] == bb.decode(out)
+    assert got[2] is None
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pieces=st.lists(st.one_of(st.lists(TEXT_ALPHABET, min_size=1, max_size=6).map("".join),
                                  st.sampled_from(["<s>", "</s>"])), min_size=1, max_size=8),

@@ -101,6 +101,64 @@ def decoder_of(tokenizer) -> Callable[[List[int], bool], str]:
     return fn
 
 
+_BATCH_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> batch decode
+
+
+def batch_decoder_of(tokenizer) -> Callable[[List[List[int]], bool], List[str]]:
+    """decode_batch(list of id lists, skip_special_tokens) -> texts, each equal to `decoder_of(tokenizer)` of that
+    list: one call into the Rust tokenizer (which decodes the lists in parallel) where `decoder_of` uses it
+    directly, else one decode per list."""
+    try:
+        return _BATCH_DECODERS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "decode_batch") and getattr(tokenizer, "is_fast", False) \
+            and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
+        def fn(batch, skip_special_tokens):
+            return backend.decode_batch(batch, skip_special_tokens=skip_special_tokens)
+    else:
+        one = decoder_of(tokenizer)
+
+        def fn(batch, skip_special_tokens):
+            return [one(ids, skip_special_tokens) for ids in batch]
+    try:
+        _BATCH_DECODERS[tokenizer] = fn
+    except TypeError:                                 # not weak-referenceable / hashable: no cache
+        pass
+    return fn
+
+
+def final_texts(tokenizer, items: Sequence[Tuple[Sequence[int], Sequence[int]]],
+                skip_special_tokens: bool = True) -> List[Optional[str]]:
+    """The text of finished outputs that nobody read while they grew, decoded for all of them at once.
+
+    items: (prompt token ids, output token ids) per output. Each text equals
+    `IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens).finish(output)` without stop strings: the output
+    decoded after the prompt's last CONTEXT_TOKENS tokens, minus the context's own text (no context where the
+    context's decode ends inside a character). Two batched decodes in all (contexts, then contexts + outputs)
+    instead of two per output. None for an output whose context starts inside a character (the detokenizer then
+    searches further back): the caller decodes that one with an `IncrementalDetokenizer`."""
+    decode_batch = batch_decoder_of(tokenizer)
+    contexts = [[int(t) for t in prompt[-CONTEXT_TOKENS:]] for prompt, _ in items]
+    context_texts = decode_batch(contexts, skip_special_tokens)
+    windows: List[List[int]] = []
+    skips: List[Optional[int]] = []                  # chars of a window's text that are the context's
+    for ctx, ctx_text, (_, output) in zip(contexts, context_texts, items):
+        junk = _leading_replacements(ctx_text)
+        if junk > MAX_CUT_CHAR or (junk and junk == len(ctx_text)):
+            skips.append(None)                       # `_set_context` would look further back
+            windows.append([])
+        elif ctx_text.endswith(REPLACEMENT):
+            skips.append(0)                          # the prompt ends inside a character: no context
+            windows.append(list(output))
+        else:
+            skips.append(len(ctx_text))
+            windows.append(ctx + list(output))
+    window_texts = decode_batch(windows, skip_special_tokens)
+    return [None if skip is None else text[skip:] for skip, text in zip(skips, window_texts)]
+
+
 def _trailing_replacements(s: str) -> int:
     return len(s) - len(s.rstrip(REPLACEMENT))
 

@@ -22,7 +22,7 @@ import numpy as np
 from . import distributed, gc_pause, sampling
 from .cache import BlockManager
 from .config import EngineConfig
-from .detokenizer import IncrementalDetokenizer, decode_token
+from .detokenizer import CONTEXT_TOKENS, IncrementalDetokenizer, decode_token, final_texts
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .runner import ModelRunner
 from .sampling_params import SamplingParams
@@ -182,6 +182,7 @@ class LLMEngine:
         self.tokenizer = tokenizer_future.result()
         self.eos_token_ids = self._eos_ids()
         distributed.setup(self)   # multi-host: process 0 publishes its runner calls; the others follow, then exit
+        gc_pause.raise_gen0_threshold(config.gc_gen0_threshold)
         self._gc_frozen_programs = -1      # len(runner.compile_log) at the last gc freeze
         self._freeze_gc_objects()
 
@@ -431,6 +432,8 @@ class LLMEngine:
         self.host_time_s["process"] += time.perf_counter() - t0
 
     def _outputs(self, finished_now: Dict[str, Request], touched: Dict[str, Request]) -> List[RequestOutput]:
+        if finished_now:
+            self._decode_final_texts(finished_now.values())
         outputs = [self._make_output(r) for r in touched.values() if r.request_id not in finished_now]
         for req in finished_now.values():
             outputs.append(self._make_output(req))
@@ -542,8 +545,31 @@ class LLMEngine:
             det.add_tokens(seq.token_ids[start:end])
             seq.detok_fed = end - seq.num_prompt_tokens
 
+    def _decode_final_texts(self, reqs: Iterable[Request]) -> None:
+        """Set `final_text` of every finished sequence of `reqs` whose text nobody read while it grew (no
+        detokenizer: not streamed, no stop strings), decoding them together (`detokenizer.final_texts`: two
+        batched decodes per skip_special_tokens setting, where one detokenizer per sequence made two decodes
+        each). A sequence the batch cannot decode is left to `_final_text`."""
+        groups: Dict[bool, List[Sequence]] = {}
+        for req in reqs:
+            if req.params.stop:
+                continue
+            for seq in req.seqs:
+                if seq.detokenizer is None and seq.final_text is None and seq.is_finished():
+                    groups.setdefault(req.params.skip_special_tokens, []).append(seq)
+        for skip, seqs in groups.items():
+            items = []
+            for seq in seqs:
+                p = seq.num_prompt_tokens
+                end = len(seq.token_ids) - (1 if seq.text_excludes_last else 0)
+                items.append((seq.token_ids[max(0, p - CONTEXT_TOKENS):p], seq.token_ids[p:end]))
+            for seq, text in zip(seqs, final_texts(self.tokenizer, items, skip)):
+                seq.final_text = text
+
     def _final_text(self, seq: Sequence) -> str:
         """Text of a sequence; decodes now if nobody needed it incrementally."""
+        if seq.final_text is not None:
+            return seq.final_text
         if seq.detokenizer is None:
             self._new_detokenizer(seq)
             if seq.is_finished():          # all tokens at once: one decode (add + flush)

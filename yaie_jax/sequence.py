@@ -48,6 +48,7 @@ class Sequence:
         self.detok_fed = 0                          # output tokens fed to the detokenizer
         self.detok_flushed = False                  # the detokenizer has released its held-back tail
         self.text_excludes_last = False             # the last token (a stop token) is not part of the text
+        self.final_text: Optional[str] = None       # text decoded in a batch at the finish (engine), if so
         self.rng_counter = 0                        # draws made for this sequence (seeds per-token keys)
 
     @property

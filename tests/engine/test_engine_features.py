@@ -254,6 +254,34 @@ def test_streaming_deltas_equal_final_text(gpt2_dir):
     assert texts[-1] == full
 
 
+def test_batched_final_text_equals_streamed_text(gpt2_dir, llm):
+    """Requests nobody streams get their text at the finish from one batched decode (`_decode_final_texts`):
+    the same text as the same request streamed (one detokenizer per sequence, fed as tokens came), with a stop
+    token left out of the text, n > 1, and special tokens kept or skipped."""
+    rng = np.random.default_rng()
+    prompts = [rand_prompt(rng) for _ in range(4)]
+    free = llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].token_ids
+    params = [SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[free[6]]),
+              SamplingParams(temperature=0.9, seed=5, n=2, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=6, max_tokens=9, ignore_eos=True, skip_special_tokens=False),
+              SamplingParams(temperature=0, max_tokens=11, ignore_eos=True)]
+    batched = llm.generate(prompts, params, use_tqdm=False)
+    eng = LLMEngine(model=gpt2_dir, **BASE)
+    streamed = {}
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        eng.add_request(str(i), p, sp, stream=True)
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                streamed[int(o.request_id)] = o
+    assert batched[0].outputs[0].finish_reason == "stop"
+    for i, b in enumerate(batched):
+        got = [(c.token_ids, c.text) for c in b.outputs]
+        assert got == [(c.token_ids, c.text) for c in streamed[i].outputs]
+        assert all(text for _, text in got)
+
+
 def test_abort_and_timeouts_free_memory(gpt2_dir):
     eng = LLMEngine(model=gpt2_dir, max_num_seqs=2, **BASE)
     rng = np.random.default_rng()
@@ -289,6 +317,8 @@ def test_bad_requests_raise_clear_errors(llm):
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="block_size"):
         LLM("unused", block_size=7)
+    with pytest.raises(ValueError, match="gc_gen0_threshold"):
+        LLM("unused", gc_gen0_threshold=-1)
     with pytest.raises(ValueError, match="nonsense_arg"):
         LLMEngine(model="unused", nonsense_arg=1)
 
