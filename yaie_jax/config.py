@@ -47,6 +47,8 @@ class EngineConfig:
     compile_cache_dir: Optional[str] = dataclasses.field(default_factory=default_compile_cache_dir)
     warmup: bool = True                         # compile every bucket at start-up
     gc_freeze: bool = True                      # move start-up's objects out of the collector's reach (gc_pause)
+    gc_gen0_threshold: int = 20_000             # allocations between young collections while an engine lives
+                                                # (Python's default: 700; 0 keeps the process's setting; gc_pause)
     served_model_name: Optional[str] = None
     coordinator_address: Optional[str] = None   # multi-host: host:port of process 0 (jax.distributed)
     num_processes: int = 1                      # multi-host: number of processes (1 = single process)
@@ -87,6 +89,8 @@ class EngineConfig:
             bad("target_itl_ms", "must be > 0 or None")
         if not isinstance(self.num_decode_steps, int) or self.num_decode_steps < 1:
             bad("num_decode_steps", "must be a positive integer")
+        if not isinstance(self.gc_gen0_threshold, int) or self.gc_gen0_threshold < 0:
+            bad("gc_gen0_threshold", "must be a non-negative integer")
         if not isinstance(self.num_processes, int) or self.num_processes < 1:
             bad("num_processes", "must be a positive integer")
         if not isinstance(self.process_id, int) or not 0 <= self.process_id < self.num_processes:

@@ -61,6 +61,7 @@ class Scheduler:
         self.bm = block_manager
         self.max_model_len = max_model_len
         self.requests: Dict[str, Request] = {}
+        self._with_timeout: Dict[str, Request] = {}    # the requests with a timeout_s or queue_timeout_s
         self.waiting: List[Sequence] = []
         self.running: List[Sequence] = []
         self.swapped: List[Sequence] = []
@@ -77,6 +78,8 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
+        if request.timeout_s is not None or request.queue_timeout_s is not None:
+            self._with_timeout[request.request_id] = request
         self._arrival_order[request.request_id] = self._arrival_counter
         self._arrival_counter += 1
         self.waiting.extend(request.seqs)
@@ -114,8 +117,15 @@ class Scheduler:
             self.finish_seq(seq, reason)
 
     def pop_finished(self, req: Request) -> None:
+        """Forget a finished request (its outputs are made). It also forgets its sequences: a request and its
+        sequences reference each other, a cycle that only the garbage collector frees otherwise, so finished
+        requests and their token lists piled up between young collections and made one collection take ~40 ms
+        (W4 on an H200 with `gc_gen0_threshold` 20,000). Without the cycle they are freed as the last reference
+        goes (a sequence still in a call in flight keeps its own fields)."""
         self.requests.pop(req.request_id, None)
+        self._with_timeout.pop(req.request_id, None)
         self._arrival_order.pop(req.request_id, None)
+        req.seqs = []
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
@@ -153,7 +163,9 @@ class Scheduler:
     # ------------------------------------------------------------------ timeouts
     def _expire(self, now: float) -> List[Request]:
         expired = []
-        for req in list(self.requests.values()):
+        if not self._with_timeout:
+            return expired
+        for req in list(self._with_timeout.values()):
             if req.finished:
                 continue
             started = req.first_scheduled_time is not None

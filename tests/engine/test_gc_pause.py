@@ -6,7 +6,7 @@ import weakref
 import numpy as np
 
 from yaie_jax import LLM, SamplingParams
-from yaie_jax.gc_pause import PAUSES, GcPauseMeter, freeze_live_objects
+from yaie_jax.gc_pause import PAUSES, GcPauseMeter, freeze_live_objects, raise_gen0_threshold
 
 
 class Node:
@@ -77,4 +77,45 @@ def test_idle_work_freezes_again_after_new_compiles_only(gpt2_dir, monkeypatch):
         llm.engine.wait_for_warmup()
         assert len(calls) == 2
     finally:
+        gc.unfreeze()
+
+
+def test_gen0_threshold_is_raised_never_lowered(gpt2_dir):
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, saved[1], saved[2])
+        assert raise_gen0_threshold(0) == 700 and gc.get_threshold()[0] == 700
+        assert raise_gen0_threshold(5000) == 5000 and gc.get_threshold() == (5000, saved[1], saved[2])
+        assert raise_gen0_threshold(1000) == 5000 and gc.get_threshold()[0] == 5000
+        gc.set_threshold(700, saved[1], saved[2])
+        LLM(gpt2_dir, dtype="float32", attention_backend="xla", warmup=False, compile_cache_dir=None,
+            max_num_seqs=4, max_num_batched_tokens=64, gc_gen0_threshold=12_345)
+        assert gc.get_threshold()[0] == 12_345
+    finally:
+        gc.set_threshold(*saved)
+        gc.unfreeze()
+
+
+def test_finished_requests_are_freed_without_the_collector(gpt2_dir):
+    """A finished request and its sequences (token lists included) are freed by reference counts once the
+    engine is done with them: no cycle left for the collector (they piled up between young collections)."""
+    from yaie_jax.engine import LLMEngine
+    eng = LLMEngine(model=gpt2_dir, dtype="float32", attention_backend="xla", warmup=False, compile_cache_dir=None,
+                    max_num_seqs=4, max_num_batched_tokens=64)
+    rng = np.random.default_rng()
+    req = eng.make_request("r", rng.integers(1, 384, size=9).tolist(),
+                           SamplingParams(max_tokens=4, temperature=0.0, n=2, ignore_eos=True), stream=False)
+    eng.add_prepared(req)
+    gc.disable()
+    try:
+        outs = eng.step()                            # the prompt step forks the second sequence
+        refs = [weakref.ref(req)] + [weakref.ref(s) for s in req.seqs]
+        assert len(refs) == 3
+        del req
+        while eng.has_unfinished_requests():
+            outs += eng.step()
+        assert [len(c.token_ids) for c in outs[-1].outputs] == [4, 4]
+        assert [r() for r in refs] == [None, None, None]
+    finally:
+        gc.enable()
         gc.unfreeze()
