@@ -56,7 +56,8 @@ def run_yaie(model_dir: str, prompts, max_new, args, enable_prefix_caching: bool
         stats0 = llm.get_stats()
         cascade0 = llm.engine.runner.num_cascade_calls
         last = i == args.repeats - 1
-        trace = HostTrace(llm.engine) if args.host_trace and last else contextlib.nullcontext()
+        traced = args.host_trace and (last or args.host_trace_all)
+        trace = HostTrace(llm.engine) if traced else contextlib.nullcontext()
         t0 = time.perf_counter()
         with trace:
             outs = llm.generate(prompts, params, use_tqdm=last)
@@ -77,21 +78,23 @@ def run_yaie(model_dir: str, prompts, max_new, args, enable_prefix_caching: bool
             # host seconds per engine phase; wait_device ~ time the host had nothing to do
             "host_time_s": {k: v - stats0["host_time_s"].get(k, 0.0) for k, v in stats["host_time_s"].items()},
             # garbage-collector pauses (every thread) during the pass
-            "gc": GcPauseMeter.delta(stats["gc"], stats0["gc"])})
+            "gc": GcPauseMeter.delta(stats["gc"], stats0["gc"]),
+            "host_trace": trace.summary() if traced else None})
     # the pass of median elapsed time stands for the run; every pass's time is kept beside it
     times = [p["elapsed_s"] for p in passes]
     median = sorted(range(len(passes)), key=lambda j: times[j])[len(passes) // 2]
-    row = {**passes[median], "startup_s": startup_s, "repeats": len(passes), "elapsed_s_all": times,
+    row = {**{k: v for k, v in passes[median].items() if k != "host_trace"}, "startup_s": startup_s, "repeats": len(passes), "elapsed_s_all": times,
            "passes": [{"elapsed_s": p["elapsed_s"], "output_tok_s": p["output_tokens"] / p["elapsed_s"],
                        "mean_ttft_s": p["mean_ttft_s"],
                        "gc_full_collections": p["gc"]["collections"][2],
-                       "gc_pause_ms": p["gc"]["total_pause_s"] * 1e3} for p in passes]}
+                       "gc_pause_ms": p["gc"]["total_pause_s"] * 1e3,
+                       **({"host_trace": p["host_trace"]} if args.host_trace_all else {})} for p in passes]}
     row["output_tok_s"] = row["output_tokens"] / row["elapsed_s"]
     for j, p in enumerate(passes):
         print(f"pass {j}: {p['output_tokens'] / p['elapsed_s']:,.0f} tok/s, {p['elapsed_s']:.3f} s, "
               f"gc {p['gc']['collections']} {p['gc']['total_pause_s'] * 1e3:.1f} ms", flush=True)
     if args.host_trace:
-        row["host_trace"] = trace.summary()          # of the last pass
+        row["host_trace"] = passes[-1]["host_trace"]     # of the last pass
         print("host trace:", json.dumps(row["host_trace"], indent=None)[:3000])
     if args.profile_prompts:
         row["profile"] = profile_pass(llm, prompts[:args.profile_prompts], params[:args.profile_prompts], args)
@@ -210,6 +213,8 @@ def main() -> None:
     ap.add_argument("--host-trace", action="store_true",
                     help="time the runner's parts, main-thread CPU and GC pauses during the timed pass "
                          "(scripts/host_trace.py)")
+    ap.add_argument("--host-trace-all", action="store_true",
+                    help="with --host-trace: trace every timed pass (each pass's summary kept in its `passes` entry)")
     ap.add_argument("--host-profile", action="store_true",
                     help="after the timed pass, run it again under cProfile and record the top host functions")
     ap.add_argument("--profile-prompts", type=int, default=0,

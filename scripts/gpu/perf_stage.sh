@@ -11,6 +11,10 @@
 #   bash scripts/gpu/perf_stage.sh GO  # W1 x5 passes, GC freeze off/on alternated, twice
 #   bash scripts/gpu/perf_stage.sh P   # pipelined prefill off/on alternated: W4 and W1 (3 passes each)
 #   bash scripts/gpu/perf_stage.sh H   # W4 x3 runs (prefix cache on/off), start-up cold/warm, W1 x5 passes
+#   bash scripts/gpu/perf_stage.sh AB  # W4 steady state: old_ref/ (carried worktree) vs working tree x3, pipelined x2
+#   bash scripts/gpu/perf_stage.sh AB2 # W4: old_ref/, working tree, pipelined x2 alternated; traced runs; W1
+#   bash scripts/gpu/perf_stage.sh AB3 # W4: pipelined (traced) vs default x2; W3 16/64 req/s default and pipelined
+#   bash scripts/gpu/perf_stage.sh AB4 # W4 steady state x4 at the working tree; W2
 #   bash scripts/gpu/perf_stage.sh TP  # issue 8: GPT-2 large at TP sizes $TP_SIZES (2-4 GPU machine)
 set -x
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -80,6 +84,71 @@ H)
   run startup 150 python3 scripts/bench_startup.py --runs cold,warm --out $OUT -- --max-num-seqs 256 \
       --num-decode-steps 4 --max-num-batched-tokens 4096 --gpu-memory-utilization 0.5
   TAIL=3 run w1 120 python3 scripts/bench_throughput.py --workload W1 --backend yaie --repeats 5 --out $OUT
+  ;;
+AB)
+  # session 8: W4 in steady state (4 warm-up passes, 5 timed), the code at old_ref/ (a worktree of the commit to
+  # compare against, carried) and the working tree alternated, 3 runs each; then the working tree with pipelined
+  # prefill, twice
+  W4AB="--workload W4 --backend yaie --warmup-passes 4 --repeats 5 --w4-rows on,off"
+  for i in 1 2 3; do for v in old new; do mkdir -p $OUT/${v}_$i
+    if [ $v = old ]; then
+      (cd old_ref && PYTHONPATH=$PWD TAIL=4 run w4_${v}_$i 200 python3 scripts/bench_throughput.py $W4AB --out $OUT/${v}_$i)
+    else
+      TAIL=4 run w4_${v}_$i 200 python3 scripts/bench_throughput.py $W4AB --out $OUT/${v}_$i
+    fi
+  done; done
+  for i in 1 2; do mkdir -p $OUT/pp_$i
+    TAIL=4 run w4_pp_$i 120 python3 scripts/bench_throughput.py $W4AB --pipelined-prefill --out $OUT/pp_$i
+  done
+  ;;
+AB2)
+  # session 8: W4 steady state, old_ref/ vs working tree vs working tree with pipelined prefill, alternated twice;
+  # then one traced run of each (host timeline of the last pass), then W1 x5 passes
+  W4AB="--workload W4 --backend yaie --warmup-passes 4 --repeats 5 --w4-rows on,off"
+  for i in 1 2; do for v in old new pp; do mkdir -p $OUT/${v}_$i
+    case $v in
+      old) (cd old_ref && PYTHONPATH=$PWD TAIL=4 run w4_${v}_$i 200 python3 scripts/bench_throughput.py $W4AB \
+               --out $OUT/${v}_$i) ;;
+      new) TAIL=4 run w4_${v}_$i 200 python3 scripts/bench_throughput.py $W4AB --out $OUT/${v}_$i ;;
+      pp) TAIL=4 run w4_${v}_$i 200 python3 scripts/bench_throughput.py $W4AB --pipelined-prefill --out $OUT/${v}_$i ;;
+    esac
+  done; done
+  mkdir -p $OUT/tr_new $OUT/tr_pp
+  TAIL=2 run w4_trace_new 120 python3 scripts/bench_throughput.py $W4AB --host-trace --out $OUT/tr_new
+  TAIL=2 run w4_trace_pp 120 python3 scripts/bench_throughput.py $W4AB --host-trace --pipelined-prefill \
+      --out $OUT/tr_pp
+  TAIL=3 run w1 150 python3 scripts/bench_throughput.py --workload W1 --backend yaie --repeats 5 --out $OUT
+  ;;
+AB3)
+  # session 8: W4 steady state, pipelined prefill (every pass traced) and the default alternated; then W3 at 16 and
+  # 64 req/s through the server, default and with pipelined prefill
+  W4AB="--workload W4 --backend yaie --warmup-passes 4 --repeats 5 --w4-rows on,off"
+  for i in 1 2; do for v in pp new; do mkdir -p $OUT/${v}_$i
+    case $v in
+      new) TAIL=4 run w4_${v}_$i 120 python3 scripts/bench_throughput.py $W4AB --out $OUT/${v}_$i ;;
+      pp) TAIL=4 run w4_${v}_$i 120 python3 scripts/bench_throughput.py $W4AB --pipelined-prefill --host-trace \
+              --host-trace-all --out $OUT/${v}_$i ;;
+    esac
+  done; done
+  wheels || exit 1
+  SERVE="--max-num-seqs 256 --num-decode-steps 4 --max-num-batched-tokens 4096 --gpu-memory-utilization 0.5"
+  for v in default pp; do mkdir -p $OUT/w3_$v
+    YAIE_PIPELINED_PREFILL=$([ $v = pp ] && echo 1 || echo 0) python3 -m yaie_jax.serve ~/.cache/yaie_bench/gpt2_124m \
+        --port 8000 $SERVE --no-access-log > $OUT/server_w3_$v.log 2>&1 &
+    SERVER=$!
+    for i in $(seq 120); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
+    for i in $(seq 120); do grep -aq "background compiles done" $OUT/server_w3_$v.log && break; sleep 1; done
+    run w3_$v 100 python3 scripts/bench_serving.py --rates 16 64 --duration-s 20 --out $OUT/w3_$v
+    kill -TERM $SERVER; wait $SERVER
+  done
+  ;;
+AB4)
+  # session 8: W4 steady state at HEAD, 4 more runs; W2
+  W4AB="--workload W4 --backend yaie --warmup-passes 4 --repeats 5 --w4-rows on,off"
+  for i in 1 2 3 4; do mkdir -p $OUT/head_$i
+    TAIL=4 run w4_head_$i 150 python3 scripts/bench_throughput.py $W4AB --out $OUT/head_$i
+  done
+  run w2_yaie 120 python3 scripts/bench_latency.py --backend yaie --out $OUT
   ;;
 C)
   run w6_yaie 150 python3 scripts/bench_throughput.py --workload W6 --backend yaie --max-model-len 2048 --out $OUT
