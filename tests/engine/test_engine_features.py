@@ -389,3 +389,57 @@ def test_checked_token_ids_accepts_integers(ids, want):
 def test_checked_token_ids_rejects_bad_input(ids, match):
     with pytest.raises(ValueError, match=match):
         LLMEngine._checked_token_ids(types.SimpleNamespace(vocab_size=10), ids)
+
+
+def test_generate_adds_requests_while_the_device_runs(gpt2_dir, monkeypatch):
+    """`generate` adds a first chunk (two steps of prompt tokens), then the rest while calls run
+    (`on_device_wait`): the same greedy outputs as adding everything first, in input order."""
+    from yaie_jax import engine as engine_mod
+    rng = np.random.default_rng()
+    prompts = [rand_prompt(rng) for _ in range(24)]
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    eng = LLMEngine(model=gpt2_dir, max_num_batched_tokens=32, **BASE)
+    for i, p in enumerate(prompts):
+        eng.add_request(str(i), p, sp)
+    ref = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                ref[int(o.request_id)] = o.outputs[0].token_ids
+    added_while_busy = []
+    real = engine_mod._RequestFeeder.add_while
+
+    def slow_device(self, busy_done):                 # the device "runs" for three more adds each time
+        left = iter(range(3))
+        before = self.next
+        real(self, lambda: next(left, None) is None)
+        added_while_busy.append(self.next - before)
+    monkeypatch.setattr(engine_mod._RequestFeeder, "add_while", slow_device)
+    llm = LLM(gpt2_dir, max_num_batched_tokens=32, **BASE)
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [ref[i] for i in range(len(prompts))]
+    assert [o.prompt_token_ids for o in outs] == prompts
+    assert sum(added_while_busy) > 0 and max(added_while_busy) == 3
+    assert not llm.engine.has_unfinished_requests() and llm.engine.on_device_wait is None
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_generate_with_a_bad_prompt_late_aborts_what_it_added(gpt2_dir, monkeypatch, busy):
+    """A prompt that fails validation after earlier ones started (added while a call ran, or in a later chunk):
+    ValueError from `generate`, every request it added is aborted and its memory freed, and the engine serves
+    the next call."""
+    from yaie_jax import engine as engine_mod
+    if busy:                                          # the device "runs" for many adds each time
+        real = engine_mod._RequestFeeder.add_while
+        monkeypatch.setattr(engine_mod._RequestFeeder, "add_while", lambda self, done: real(self, lambda: False))
+    rng = np.random.default_rng()
+    prompts = [rand_prompt(rng) for _ in range(12)]
+    llm = LLM(gpt2_dir, max_num_batched_tokens=32, **BASE)
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate(prompts[:9] + [[]] + prompts[9:], sp, use_tqdm=False)
+    eng = llm.engine
+    assert not eng.has_unfinished_requests() and not eng.scheduler.requests and not eng.block_manager.seqs
+    eng.block_manager.reset_prefix_cache()
+    assert eng.block_manager.num_free_gpu_blocks == eng.runner.num_gpu_blocks
+    assert len(llm.generate(prompts[:3], sp, use_tqdm=False)) == 3
