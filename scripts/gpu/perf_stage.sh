@@ -15,6 +15,7 @@
 #   bash scripts/gpu/perf_stage.sh AB2 # W4: old_ref/, working tree, pipelined x2 alternated; traced runs; W1
 #   bash scripts/gpu/perf_stage.sh AB3 # W4: pipelined (traced) vs default x2; W3 16/64 req/s default and pipelined
 #   bash scripts/gpu/perf_stage.sh AB4 # W4 steady state x4 at the working tree; W2
+#   bash scripts/gpu/perf_stage.sh AB5 # W4 x3 and W1: old_ref/ vs working tree alternated (generate's feeder)
 #   bash scripts/gpu/perf_stage.sh TP  # issue 8: GPT-2 large at TP sizes $TP_SIZES (2-4 GPU machine)
 set -x
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -149,6 +150,22 @@ AB4)
     TAIL=4 run w4_head_$i 150 python3 scripts/bench_throughput.py $W4AB --out $OUT/head_$i
   done
   run w2_yaie 120 python3 scripts/bench_latency.py --backend yaie --out $OUT
+  ;;
+AB5)
+  # session 8: LLM.generate adding requests while the device runs: old_ref/ (all added first) vs the working tree,
+  # W4 steady state x3 alternated, then W1 x5 passes each
+  W4AB="--workload W4 --backend yaie --warmup-passes 4 --repeats 5 --w4-rows on,off"
+  for i in 1 2 3; do for v in old new; do mkdir -p $OUT/${v}_$i
+    if [ $v = old ]; then
+      (cd old_ref && PYTHONPATH=$PWD TAIL=4 run w4_${v}_$i 150 python3 scripts/bench_throughput.py $W4AB --out $OUT/${v}_$i)
+    else
+      TAIL=4 run w4_${v}_$i 150 python3 scripts/bench_throughput.py $W4AB --out $OUT/${v}_$i
+    fi
+  done; done
+  mkdir -p $OUT/w1_old $OUT/w1_new
+  (cd old_ref && PYTHONPATH=$PWD TAIL=3 run w1_old 100 python3 scripts/bench_throughput.py --workload W1 --backend yaie \
+      --repeats 5 --out $OUT/w1_old)
+  TAIL=3 run w1_new 100 python3 scripts/bench_throughput.py --workload W1 --backend yaie --repeats 5 --out $OUT/w1_new
   ;;
 C)
   run w6_yaie 150 python3 scripts/bench_throughput.py --workload W6 --backend yaie --max-model-len 2048 --out $OUT
