@@ -16,6 +16,7 @@
 #   bash scripts/gpu/perf_stage.sh AB3 # W4: pipelined (traced) vs default x2; W3 16/64 req/s default and pipelined
 #   bash scripts/gpu/perf_stage.sh AB4 # W4 steady state x4 at the working tree; W2
 #   bash scripts/gpu/perf_stage.sh AB5 # W4 x3 and W1: old_ref/ vs working tree alternated (generate's feeder)
+#   bash scripts/gpu/perf_stage.sh AB6 # W4 x2 and W1 at the working tree
 #   bash scripts/gpu/perf_stage.sh TP  # issue 8: GPT-2 large at TP sizes $TP_SIZES (2-4 GPU machine)
 set -x
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -166,6 +167,14 @@ AB5)
   (cd old_ref && PYTHONPATH=$PWD TAIL=3 run w1_old 100 python3 scripts/bench_throughput.py --workload W1 --backend yaie \
       --repeats 5 --out $OUT/w1_old)
   TAIL=3 run w1_new 100 python3 scripts/bench_throughput.py --workload W1 --backend yaie --repeats 5 --out $OUT/w1_new
+  ;;
+AB6)
+  # session 8: generate's feeder at HEAD, W4 steady state x2 and W1 x5 passes
+  W4AB="--workload W4 --backend yaie --warmup-passes 4 --repeats 5 --w4-rows on,off"
+  for i in 1 2; do mkdir -p $OUT/head_$i
+    TAIL=4 run w4_head_$i 150 python3 scripts/bench_throughput.py $W4AB --out $OUT/head_$i
+  done
+  TAIL=3 run w1 100 python3 scripts/bench_throughput.py --workload W1 --backend yaie --repeats 5 --out $OUT
   ;;
 C)
   run w6_yaie 150 python3 scripts/bench_throughput.py --workload W6 --backend yaie --max-model-len 2048 --out $OUT
