@@ -77,6 +77,16 @@ def decode_token(tokenizer, token_id: int) -> str:
 _DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()    # tokenizer -> decode function
 
 
+def _rust_backend(tokenizer):
+    """The `tokenizers` object behind a fast tokenizer that does no clean-up of the text (so its decode alone is
+    `tokenizer.decode`), or None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "decode") and hasattr(backend, "decode_batch") \
+            and getattr(tokenizer, "is_fast", False) and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
+        return backend
+    return None
+
+
 def decoder_of(tokenizer) -> Callable[[List[int], bool], str]:
     """decode(ids, skip_special_tokens) -> text, equal to `tokenizer.decode(ids, skip_special_tokens=...)` for a
     list of ints. For a `tokenizers`-backed tokenizer that does no clean-up of the text (clean_up_tokenization_
@@ -86,9 +96,8 @@ def decoder_of(tokenizer) -> Callable[[List[int], bool], str]:
         return _DECODERS[tokenizer]
     except (KeyError, TypeError):
         pass
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "decode") and getattr(tokenizer, "is_fast", False) \
-            and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
+    backend = _rust_backend(tokenizer)
+    if backend is not None:
         def fn(ids, skip_special_tokens):
             return backend.decode(ids, skip_special_tokens=skip_special_tokens)
     else:
@@ -112,9 +121,8 @@ def batch_decoder_of(tokenizer) -> Callable[[List[List[int]], bool], List[str]]:
         return _BATCH_DECODERS[tokenizer]
     except (KeyError, TypeError):
         pass
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "decode_batch") and getattr(tokenizer, "is_fast", False) \
-            and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
+    backend = _rust_backend(tokenizer)
+    if backend is not None:
         def fn(batch, skip_special_tokens):
             return backend.decode_batch(batch, skip_special_tokens=skip_special_tokens)
     else:

@@ -26,6 +26,16 @@ nvidia-smi -L
 run() { local name=$1 limit=$2; shift 2; timeout $limit "$@" > $OUT/$name.log 2>&1; echo "== $name rc=$?"; \
         grep -a -v "it/s\]\|s/it\]\|^\s*$" $OUT/$name.log | tail -${TAIL:-8}; }
 # the server's packages travel as wheels (carry .whl; see ../shared/tools/gpu-wheels)
+# W4 in steady state (4 warm-up passes, 5 timed; prefix cache on, then off), the code at old_ref/ (a carried worktree
+# of the commit to compare against) and the working tree alternated: old_vs_new RUNS LIMIT_S
+W4AB="--workload W4 --backend yaie --warmup-passes 4 --repeats 5 --w4-rows on,off"
+old_vs_new() { for i in $(seq $1); do for v in old new; do mkdir -p $OUT/${v}_$i
+  if [ $v = old ]; then
+    (cd old_ref && PYTHONPATH=$PWD TAIL=4 run w4_${v}_$i $2 python3 scripts/bench_throughput.py $W4AB --out $OUT/${v}_$i)
+  else
+    TAIL=4 run w4_${v}_$i $2 python3 scripts/bench_throughput.py $W4AB --out $OUT/${v}_$i
+  fi
+done; done; }
 wheels() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
                .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH; }
 case ${1:-A} in
@@ -88,17 +98,8 @@ H)
   TAIL=3 run w1 120 python3 scripts/bench_throughput.py --workload W1 --backend yaie --repeats 5 --out $OUT
   ;;
 AB)
-  # session 8: W4 in steady state (4 warm-up passes, 5 timed), the code at old_ref/ (a worktree of the commit to
-  # compare against, carried) and the working tree alternated, 3 runs each; then the working tree with pipelined
-  # prefill, twice
-  W4AB="--workload W4 --backend yaie --warmup-passes 4 --repeats 5 --w4-rows on,off"
-  for i in 1 2 3; do for v in old new; do mkdir -p $OUT/${v}_$i
-    if [ $v = old ]; then
-      (cd old_ref && PYTHONPATH=$PWD TAIL=4 run w4_${v}_$i 200 python3 scripts/bench_throughput.py $W4AB --out $OUT/${v}_$i)
-    else
-      TAIL=4 run w4_${v}_$i 200 python3 scripts/bench_throughput.py $W4AB --out $OUT/${v}_$i
-    fi
-  done; done
+  # session 8: W4 steady state, old_ref/ vs the working tree x3 (old_vs_new); then pipelined prefill, twice
+  old_vs_new 3 200
   for i in 1 2; do mkdir -p $OUT/pp_$i
     TAIL=4 run w4_pp_$i 120 python3 scripts/bench_throughput.py $W4AB --pipelined-prefill --out $OUT/pp_$i
   done
@@ -106,7 +107,6 @@ AB)
 AB2)
   # session 8: W4 steady state, old_ref/ vs working tree vs working tree with pipelined prefill, alternated twice;
   # then one traced run of each (host timeline of the last pass), then W1 x5 passes
-  W4AB="--workload W4 --backend yaie --warmup-passes 4 --repeats 5 --w4-rows on,off"
   for i in 1 2; do for v in old new pp; do mkdir -p $OUT/${v}_$i
     case $v in
       old) (cd old_ref && PYTHONPATH=$PWD TAIL=4 run w4_${v}_$i 200 python3 scripts/bench_throughput.py $W4AB \
@@ -124,7 +124,6 @@ AB2)
 AB3)
   # session 8: W4 steady state, pipelined prefill (every pass traced) and the default alternated; then W3 at 16 and
   # 64 req/s through the server, default and with pipelined prefill
-  W4AB="--workload W4 --backend yaie --warmup-passes 4 --repeats 5 --w4-rows on,off"
   for i in 1 2; do for v in pp new; do mkdir -p $OUT/${v}_$i
     case $v in
       new) TAIL=4 run w4_${v}_$i 120 python3 scripts/bench_throughput.py $W4AB --out $OUT/${v}_$i ;;
@@ -146,7 +145,6 @@ AB3)
   ;;
 AB4)
   # session 8: W4 steady state at HEAD, 4 more runs; W2
-  W4AB="--workload W4 --backend yaie --warmup-passes 4 --repeats 5 --w4-rows on,off"
   for i in 1 2 3 4; do mkdir -p $OUT/head_$i
     TAIL=4 run w4_head_$i 150 python3 scripts/bench_throughput.py $W4AB --out $OUT/head_$i
   done
@@ -155,14 +153,7 @@ AB4)
 AB5)
   # session 8: LLM.generate adding requests while the device runs: old_ref/ (all added first) vs the working tree,
   # W4 steady state x3 alternated, then W1 x5 passes each
-  W4AB="--workload W4 --backend yaie --warmup-passes 4 --repeats 5 --w4-rows on,off"
-  for i in 1 2 3; do for v in old new; do mkdir -p $OUT/${v}_$i
-    if [ $v = old ]; then
-      (cd old_ref && PYTHONPATH=$PWD TAIL=4 run w4_${v}_$i 150 python3 scripts/bench_throughput.py $W4AB --out $OUT/${v}_$i)
-    else
-      TAIL=4 run w4_${v}_$i 150 python3 scripts/bench_throughput.py $W4AB --out $OUT/${v}_$i
-    fi
-  done; done
+  old_vs_new 3 150
   mkdir -p $OUT/w1_old $OUT/w1_new
   (cd old_ref && PYTHONPATH=$PWD TAIL=3 run w1_old 100 python3 scripts/bench_throughput.py --workload W1 --backend yaie \
       --repeats 5 --out $OUT/w1_old)
@@ -170,7 +161,6 @@ AB5)
   ;;
 AB6)
   # session 8: generate's feeder at HEAD, W4 steady state x2 and W1 x5 passes
-  W4AB="--workload W4 --backend yaie --warmup-passes 4 --repeats 5 --w4-rows on,off"
   for i in 1 2; do mkdir -p $OUT/head_$i
     TAIL=4 run w4_head_$i 150 python3 scripts/bench_throughput.py $W4AB --out $OUT/head_$i
   done
