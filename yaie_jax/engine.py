@@ -705,7 +705,10 @@ class LLM:
     def generate(self, prompts: Union[PromptType, Seq[PromptType]],
                  sampling_params: Union[None, SamplingParams, Seq[SamplingParams]] = None, *,
                  use_tqdm: bool = True, priority: Optional[Seq[int]] = None) -> List[RequestOutput]:
-        """Generate for every prompt (strings, token-id lists, or a mix); outputs come back in input order."""
+        """Generate for every prompt (strings, token-id lists, or a mix); outputs come back in input order.
+
+        Requests are added as the engine runs (`_RequestFeeder`): a first chunk, then the rest while the device
+        works. A prompt that fails validation raises ValueError after every request this call added is aborted."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
