@@ -789,6 +789,8 @@ class _RequestFeeder:
         self.next = 0
         self.error: Optional[BaseException] = None
         self._prefix = f"offline-{id(llm)}-"
+        # admission order depends on the whole queue with priorities or a policy other than fcfs: add all first
+        self.all_first = priority is not None or self.engine.config.scheduling_policy != "fcfs"
 
     def _add_one(self) -> int:
         """Add the next prompt; returns its number of tokens."""
@@ -807,7 +809,7 @@ class _RequestFeeder:
         them (raises at once on a bad prompt). All of them where the order of admission depends on the whole
         queue (priorities given, or a policy other than fcfs)."""
         cfg = self.engine.config
-        if self.priority is not None or cfg.scheduling_policy != "fcfs":
+        if self.all_first:
             budget, cap = float("inf"), self.num_prompts
         else:
             budget, cap = self.FIRST_CHUNK_STEPS * cfg.max_num_batched_tokens, cfg.max_num_seqs
@@ -826,7 +828,7 @@ class _RequestFeeder:
     def add_while(self, busy_done) -> None:
         """`LLMEngine.on_device_wait`: add prompts until the call in flight is done. Never raises: a bad prompt's
         error is kept for `raise_error`."""
-        if self.priority is not None or self.engine.config.scheduling_policy != "fcfs":
+        if self.all_first:
             return                      # all were added up front
         try:
             while self.next < self.num_prompts and self.error is None and not busy_done():
