@@ -23,6 +23,7 @@ def default_compile_cache_dir() -> str:
 class EngineConfig:
     model: Optional[str] = None                 # hub id, directory, .gguf file or orbax dir; None = embedded default
     tokenizer: Optional[str] = None             # defaults to `model`
+    skip_tokenizer_init: bool = False           # no tokenizer: prompts are token ids, outputs token ids (text "")
     dtype: str = "bfloat16"
     seed: int = 0
     max_model_len: Optional[int] = None         # default: the model's max positions
@@ -30,8 +31,8 @@ class EngineConfig:
     num_gpu_blocks: Optional[int] = None        # None: sized from gpu_memory_utilization
     gpu_memory_utilization: float = 0.9
     num_cpu_blocks: int = 0
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    max_num_seqs: Optional[int] = None          # None: chosen from device, model and memory (defaults.py)
+    max_num_batched_tokens: Optional[int] = None  # None: likewise (8192 on a GPU, 2048 on the CPU)
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     scheduling_policy: str = "fcfs"
@@ -39,7 +40,8 @@ class EngineConfig:
     attention_backend: str = "auto"             # auto: pallas on GPU, xla elsewhere
     tensor_parallel_size: int = 1
     target_itl_ms: Optional[float] = None       # adaptive decode batch to hold this inter-token latency
-    num_decode_steps: int = 1                   # decode steps fused in one device call when nothing waits
+    num_decode_steps: Optional[int] = None      # decode steps fused in one device call when nothing waits
+                                                # (None: 8 on a GPU, 1 on the CPU; defaults.py)
     async_scheduling: bool = True               # dispatch fused call i+1 before reading call i's tokens
     pipelined_prefill: bool = False             # dispatch the next prompt step before reading a prompt-only one
                                                 # (off: W4's TTFT ratio 0.35 with it vs 0.30, W3's p99 TTFT
@@ -72,10 +74,10 @@ class EngineConfig:
             bad("gpu_memory_utilization", "must be in (0, 1]")
         if not isinstance(self.num_cpu_blocks, int) or self.num_cpu_blocks < 0:
             bad("num_cpu_blocks", "must be a non-negative integer")
-        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
-            bad("max_num_seqs", "must be a positive integer")
-        if not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1:
-            bad("max_num_batched_tokens", "must be a positive integer")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "num_decode_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                bad(name, "must be a positive integer or None (chosen for the device and model)")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             bad("max_model_len", "must be a positive integer or None")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
@@ -88,8 +90,6 @@ class EngineConfig:
             bad("tensor_parallel_size", "must be a positive integer")
         if self.target_itl_ms is not None and not self.target_itl_ms > 0:
             bad("target_itl_ms", "must be > 0 or None")
-        if not isinstance(self.num_decode_steps, int) or self.num_decode_steps < 1:
-            bad("num_decode_steps", "must be a positive integer")
         if not isinstance(self.gc_gen0_threshold, int) or self.gc_gen0_threshold < 0:
             bad("gc_gen0_threshold", "must be a non-negative integer")
         if not isinstance(self.num_processes, int) or self.num_processes < 1:
@@ -99,7 +99,7 @@ class EngineConfig:
         if self.num_processes > 1 and not self.coordinator_address:
             bad("coordinator_address", "is required when num_processes > 1 (host:port of process 0)")
         if not self.enable_chunked_prefill and self.max_model_len is not None \
-                and self.max_num_batched_tokens < self.max_model_len:
+                and self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_model_len:
             bad("max_num_batched_tokens", "must be >= max_model_len when chunked prefill is off")
 
     @classmethod

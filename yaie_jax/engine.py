@@ -128,7 +128,10 @@ class LLMEngine:
         # the tokenizer loads in a thread while the weights load and go to the device (its imports take
         # seconds of a server start-up; the weights' reads and copies mostly run without the GIL)
         tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="yaie-tokenizer")
-        tokenizer_future = tokenizer_pool.submit(load_tokenizer, config.tokenizer or source)
+        if config.skip_tokenizer_init:                 # token ids only: no tokenizer at all
+            tokenizer_future = tokenizer_pool.submit(lambda: None)
+        else:
+            tokenizer_future = tokenizer_pool.submit(load_tokenizer, config.tokenizer or source)
         tokenizer_pool.shutdown(wait=False)
         try:
             self.model = load_model(source, dtype=config.dtype)
@@ -141,6 +144,8 @@ class LLMEngine:
             raise ValueError(f"invalid engine argument max_model_len={config.max_model_len}: "
                              f"the model supports at most {max_pos} positions")
         self.max_model_len = config.max_model_len or max_pos
+        config, self.auto_args = self._resolve_batch_defaults(config)
+        self.config = config
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"invalid engine argument max_num_batched_tokens={config.max_num_batched_tokens}: "
                              f"must be >= max_model_len ({self.max_model_len}) when chunked prefill is off")
@@ -188,6 +193,30 @@ class LLMEngine:
         self._gc_frozen_programs = -1      # len(runner.compile_log) at the last gc freeze
         self._freeze_gc_objects()
 
+    def _resolve_batch_defaults(self, config: EngineConfig):
+        """Fill the batch-shape arguments the user left unset (yaie_jax/defaults.py has the rule)."""
+        from . import defaults
+        from .runner import JNP_DTYPES
+        mc, tp = self.model_config, max(1, config.tensor_parallel_size)
+        itemsize = np.dtype(JNP_DTYPES[config.dtype]).itemsize
+        per_token = defaults.kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, itemsize) // tp
+        stats = None
+        if jax.default_backend() != "cpu":
+            try:
+                stats = jax.local_devices()[0].memory_stats()
+            except Exception:
+                stats = None
+        on_gpu = bool(stats and "bytes_limit" in stats)
+        weights = sum(np.asarray(a).size for a in jax.tree_util.tree_leaves(self.model.params)) * itemsize // tp
+        config, filled = defaults.resolve_batch_defaults(
+            config, on_gpu=on_gpu, max_model_len=self.max_model_len, bytes_per_token=per_token,
+            memory_limit_bytes=stats["bytes_limit"] if on_gpu else None,
+            bytes_in_use=(stats.get("bytes_in_use", 0) if on_gpu else 0) + weights)
+        if filled:
+            logger.info("engine arguments chosen for this %s and model (yaie_jax/defaults.py): %s",
+                        "GPU" if on_gpu else "CPU", ", ".join(f"{k}={v}" for k, v in filled.items()))
+        return config, filled
+
     def _eos_ids(self) -> List[int]:
         ids = set()
         for v in (getattr(self.tokenizer, "eos_token_id", None), self.model_config.eos_token_id):
@@ -208,6 +237,9 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id is None:
             request_id = f"req-{next(self._request_counter)}"
+        if self.tokenizer is None and (isinstance(prompt, str) and prompt_token_ids is None or params.stop):
+            raise ValueError("this engine has no tokenizer (skip_tokenizer_init): prompts must be token ids and "
+                             "stop must be empty (use stop_token_ids)")
         if prompt_token_ids is None:
             if isinstance(prompt, str):
                 prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=self._add_special_tokens())
@@ -489,16 +521,19 @@ class LLMEngine:
             lp = float(result.sampled_logprob[row])
             seq.cumulative_logprob += lp
             entry = {token: Logprob(lp, rank=int(result.sampled_rank[row]) if result.sampled_rank is not None else None,
-                                    decoded_token=decode_token(self.tokenizer, token))}
+                                    decoded_token=self._token_text(token))}
             k = seq.request.params.logprobs
             for j in range(k):
                 tid = int(result.top_ids[row, j])
                 if tid not in entry:
                     entry[tid] = Logprob(float(result.top_logprobs[row, j]), rank=j + 1,
-                                         decoded_token=decode_token(self.tokenizer, tid))
+                                         decoded_token=self._token_text(tid))
             seq.logprobs.append(entry)
-        if seq.detokenizer is None and (seq.request.stream or seq.request.params.stop):
+        if seq.detokenizer is None and (seq.request.stream or seq.request.params.stop) and self.tokenizer is not None:
             self._new_detokenizer(seq)
+
+    def _token_text(self, token: int) -> Optional[str]:
+        return None if self.tokenizer is None else decode_token(self.tokenizer, token)
 
     def _new_detokenizer(self, seq: Sequence) -> None:
         """Give `seq` a detokenizer (nothing fed yet) with its request's text and stop-string options; stop strings
@@ -559,7 +594,7 @@ class LLMEngine:
         batched decodes per skip_special_tokens setting, where one detokenizer per sequence made two decodes
         each). A sequence the batch cannot decode is left to `_final_text`."""
         groups: Dict[bool, List[Sequence]] = {}
-        for req in reqs:
+        for req in reqs if self.tokenizer is not None else ():
             if req.params.stop:
                 continue
             for seq in req.seqs:
@@ -578,6 +613,8 @@ class LLMEngine:
         """Text of a sequence; decodes now if nobody needed it incrementally."""
         if seq.final_text is not None:
             return seq.final_text
+        if self.tokenizer is None:         # skip_tokenizer_init: token ids only
+            return ""
         if seq.detokenizer is None:
             self._new_detokenizer(seq)
             if seq.is_finished():          # all tokens at once: one decode (add + flush)
@@ -738,6 +775,8 @@ class LLM:
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> List[RequestOutput]:
         """Apply the tokenizer's chat template to one conversation (a list of {role, content}) or a list of them."""
         from .tokenizer import apply_chat_template
+        if self.engine.tokenizer is None:
+            raise ValueError("chat needs a tokenizer; this engine was built with skip_tokenizer_init")
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [apply_chat_template(self.engine.tokenizer, c, add_generation_prompt=add_generation_prompt)
                    for c in convs]

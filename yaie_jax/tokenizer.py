@@ -43,11 +43,33 @@ def load_tokenizer(source):
             raise FileNotFoundError(f"{source!r} was saved without a tokenizer (no {TOKENIZER_SUBDIR}/ inside); "
                                     f"pass the tokenizer's source separately")
         path = tok_dir
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise TokenizerMissingError(_missing_message(source, path))
     cls = direct_tokenizer_class(path)
     if cls is not None:
         return cls.from_pretrained(path)
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (ValueError, OSError) as e:
+        if "sentencepiece" in str(e) or "tiktoken" in str(e):    # transformers' words for "no usable files"
+            raise TokenizerMissingError(_missing_message(source, path) + f" (transformers: {e})") from None
+        raise
+
+
+# Any of these in a model directory means a tokenizer may be there (transformers decides which it uses)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.tiktoken")
+
+
+class TokenizerMissingError(FileNotFoundError):
+    """A model source without a tokenizer the engine can load."""
+
+
+def _missing_message(source: str, path: str) -> str:
+    return (f"no tokenizer in {source!r} ({path}: none of {', '.join(TOKENIZER_FILES)}). Pass one with "
+            f"tokenizer=PATH_OR_HUB_ID (server: --tokenizer), or skip_tokenizer_init=True "
+            f"(--skip-tokenizer-init) to send and receive token ids only")
 
 
 def _read_json(path: str) -> Optional[dict]:

@@ -11,7 +11,7 @@ from yaie_jax.sequence import Request, SeqStatus
 
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_pinned_sequence_is_not_the_preemption_victim(mode):
-    config = EngineConfig(block_size=8, max_num_batched_tokens=64, max_num_seqs=8, preemption_mode=mode,
+    config = EngineConfig(block_size=8, max_num_batched_tokens=64, max_num_seqs=8, num_decode_steps=1, preemption_mode=mode,
                           enable_prefix_caching=False)
     bm = BlockManager(num_gpu_blocks=6, block_size=8, num_cpu_blocks=16 if mode == "swap" else 0,
                       enable_prefix_caching=False)

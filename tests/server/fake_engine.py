@@ -380,7 +380,9 @@ def make_engine(config: Optional[EngineConfig] = None) -> FakeEngine:
     import os
     kw = {"step_delay_s": float(os.environ.get("FAKE_STEP_DELAY_S", "0.002"))}
     if config is not None:
-        kw.update(max_num_seqs=config.max_num_seqs, model=config.served_model_name or config.model or "fake-model")
+        kw["model"] = config.served_model_name or config.model or "fake-model"
+        if config.max_num_seqs:
+            kw["max_num_seqs"] = config.max_num_seqs
         if config.max_model_len:
             kw["max_model_len"] = config.max_model_len
     return FakeEngine(**kw)

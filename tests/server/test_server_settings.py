@@ -31,7 +31,7 @@ def cfg(tmp_path):
 
 def test_defaults():
     s = load_settings([], {})
-    assert s.engine.max_num_seqs == 256 and s.engine.model is None
+    assert s.engine.max_num_seqs is None and s.engine.model is None     # None: chosen by yaie_jax/defaults.py
     assert s.server == ServerSettings()
     assert s.sources == {}
 
