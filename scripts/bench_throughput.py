@@ -32,13 +32,19 @@ def run_yaie(model_dir: str, prompts, max_new, args, enable_prefix_caching: bool
              cascade_attention: bool = True) -> dict:
     from yaie_jax import LLM, SamplingParams
     t0 = time.perf_counter()
-    llm = LLM(model_dir, dtype="bfloat16", max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-              cascade_attention=cascade_attention and not args.no_cascade,
-              attention_backend=args.attention_backend, num_decode_steps=args.num_decode_steps,
-              max_model_len=args.max_model_len, warmup=not args.no_warmup,
-              gpu_memory_utilization=args.gpu_memory_utilization, gc_freeze=not args.no_gc_freeze,
-              pipelined_prefill=args.pipelined_prefill)
+    if args.untuned:     # what a user who sets nothing gets: the engine's own defaults (yaie_jax/defaults.py)
+        llm = LLM(model_dir)
+    else:
+        llm = LLM(model_dir, dtype="bfloat16", max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+                  cascade_attention=cascade_attention and not args.no_cascade,
+                  attention_backend=args.attention_backend, num_decode_steps=args.num_decode_steps,
+                  max_model_len=args.max_model_len, warmup=not args.no_warmup,
+                  gpu_memory_utilization=args.gpu_memory_utilization, gc_freeze=not args.no_gc_freeze,
+                  pipelined_prefill=args.pipelined_prefill)
+    engine_args = {k: getattr(llm.engine.config, k) for k in
+                   ("dtype", "max_num_seqs", "max_num_batched_tokens", "num_decode_steps", "gpu_memory_utilization")}
+    print("engine arguments:", engine_args, flush=True)
     startup_s = time.perf_counter() - t0
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_new]
     # Warm-up: the whole workload once (compiles every shape it meets), then the timed passes.
@@ -83,7 +89,8 @@ def run_yaie(model_dir: str, prompts, max_new, args, enable_prefix_caching: bool
     # the pass of median elapsed time stands for the run; every pass's time is kept beside it
     times = [p["elapsed_s"] for p in passes]
     median = sorted(range(len(passes)), key=lambda j: times[j])[len(passes) // 2]
-    row = {**{k: v for k, v in passes[median].items() if k != "host_trace"}, "startup_s": startup_s, "repeats": len(passes), "elapsed_s_all": times,
+    row = {**{k: v for k, v in passes[median].items() if k != "host_trace"}, "engine_args": engine_args,
+           "startup_s": startup_s, "repeats": len(passes), "elapsed_s_all": times,
            "passes": [{"elapsed_s": p["elapsed_s"], "output_tok_s": p["output_tokens"] / p["elapsed_s"],
                        "mean_ttft_s": p["mean_ttft_s"],
                        "gc_full_collections": p["gc"]["collections"][2],
@@ -200,6 +207,8 @@ def main() -> None:
     ap.add_argument("--num-decode-steps", type=int, default=8)
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap.add_argument("--untuned", action="store_true",
+                    help="LLM(model) with no engine arguments at all (the defaults a user gets; ignores the above)")
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--warmup-passes", type=int, default=1, help="untimed passes of the workload before the timed ones")
     ap.add_argument("--pipelined-prefill", action="store_true", help="engine arg pipelined_prefill=True")
