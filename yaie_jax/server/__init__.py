@@ -10,8 +10,12 @@
     auth.py       API keys (constant-time), per-key token-bucket rate limit, body-size limit (ASGI middleware)
     metrics.py    Prometheus metrics (`yaie:` names), one CollectorRegistry per app
     logging.py    one structlog JSON line per finished request
+    settings.py   ServerSettings and the layered configuration (defaults < YAML < environment < flags)
+    serve.py      `python -m yaie_jax.serve`: build the engine, run uvicorn, drain on SIGTERM
+    cli.py        the `yaie` command: `yaie serve`, `yaie chat` (in-process or against a server)
 
-Run it with `python -m yaie_jax.serve` or `yaie serve MODEL`.
+Run it with `python -m yaie_jax.serve` or `yaie serve MODEL` (yaie_jax/serve.py and yaie_jax/cli.py at the
+package top are the old entry paths, aliases of serve.py and cli.py here).
 """
 
 

@@ -25,7 +25,7 @@ from fastapi.responses import Response
 from starlette.middleware.cors import CORSMiddleware
 
 from ..async_engine import AsyncEngine
-from ..settings import ServerSettings
+from .settings import ServerSettings
 from .auth import APIKeys, AuthRateLimitMiddleware, RateLimiter
 from .errors import install_error_handlers
 from .logging import RequestLog, fmt_age

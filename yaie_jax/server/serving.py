@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from ..async_engine import AsyncEngine, EngineDeadError, EngineUnavailableError, RequestStream
 from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
-from ..settings import ServerSettings
+from .settings import ServerSettings
 from .errors import APIError, engine_refusal, engine_unavailable
 from .logprobs import chat_logprobs, completion_logprobs
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_request
