@@ -5,10 +5,10 @@ Threading contract (DESIGN.md, Server):
   `add_request`, `abort_request`, `step`, `has_unfinished_requests` and `get_stats` call happens there.
 - Asyncio code talks to it through a thread-safe inbox (`queue.Queue` of commands). Results go back per request
   through `loop.call_soon_threadsafe` into that request's `asyncio.Queue` (one call per event loop per step).
-- Bad input surfaces from `await add_request(...)` as `ValueError` (e.g. "context length") before any HTTP
-  response is started: an engine with `make_request`/`add_prepared` validates and tokenizes in the caller's
-  thread (it only reads engine state); for an engine with only `add_request`, the engine thread adds it and the
-  caller awaits the verdict.
+- Bad input surfaces from `await add_request(...)` as `ValueError` (the engine's typed `InvalidRequestError`,
+  e.g. `ContextLengthError`: yaie_jax/errors.py) before any HTTP response is started: an engine with
+  `make_request`/`add_prepared` validates and tokenizes in the caller's thread (it only reads engine state); for
+  an engine with only `add_request`, the engine thread adds it and the caller awaits the verdict.
 - A consumer that goes away (HTTP client disconnect = task cancellation) calls `RequestStream.abort()` (the
   `generate()` helper does it in `finally`), which aborts the request in the engine and frees its blocks.
 - If `step()` raises, the loop is dead: every open stream raises `EngineDeadError`, new requests are refused,

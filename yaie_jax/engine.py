@@ -23,6 +23,7 @@ from . import distributed, gc_pause, sampling
 from .cache import BlockManager
 from .config import EngineConfig
 from .detokenizer import CONTEXT_TOKENS, IncrementalDetokenizer, decode_token, final_texts
+from .errors import ContextLengthError, InvalidRequestError
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .runner import ModelRunner
 from .sampling_params import SamplingParams
@@ -233,7 +234,8 @@ class LLMEngine:
                      timeout_s: Optional[float] = None, arrival_time: Optional[float] = None,
                      stream: bool = True) -> Request:
         """Validate and tokenize a request without queueing it (reads engine state only, so the server may call
-        it from its own thread). Raises ValueError for an empty or over-long prompt or out-of-range ids."""
+        it from its own thread). Raises `InvalidRequestError` (a ValueError with the field at fault as `param`;
+        `ContextLengthError` for an over-long prompt + max_tokens) for an empty prompt or out-of-range ids."""
         params = params or SamplingParams()
         if request_id is None:
             request_id = f"req-{next(self._request_counter)}"
@@ -253,15 +255,16 @@ class LLMEngine:
         n_prompt = len(prompt_token_ids)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n_prompt
         if n_prompt + max_tokens > self.max_model_len or max_tokens < 1:
-            raise ValueError(
+            raise ContextLengthError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{n_prompt + max(max_tokens, 1)} tokens ({n_prompt} in the prompt, {max(max_tokens, 1)} for the "
                 f"completion). Please reduce the prompt or max_tokens (context length exceeded).")
         if params.n > self.config.max_num_seqs:
-            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+            raise InvalidRequestError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}", param="n")
         for t in params.stop_token_ids:
             if not 0 <= t < self.vocab_size:
-                raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
+                raise InvalidRequestError(f"stop_token_ids must be in [0, {self.vocab_size})",
+                                          param="stop_token_ids")
         req = Request(request_id, text, prompt_token_ids, params, priority=priority, client_id=client_id,
                       arrival_time=arrival_time, queue_timeout_s=queue_timeout_s, timeout_s=timeout_s,
                       max_tokens=max_tokens)
@@ -281,17 +284,17 @@ class LLMEngine:
             try:
                 out = [operator.index(t) for t in ids]
             except TypeError:
-                raise ValueError("prompt token ids must be integers") from None
+                raise InvalidRequestError("prompt token ids must be integers", param="prompt") from None
             if out and (min(out) < 0 or max(out) >= self.vocab_size):
-                raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+                raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
         else:
             out = arr.tolist()
             if out:
                 view = np.frombuffer(arr, np.int64)      # [n] no copy
                 if view.min() < 0 or view.max() >= self.vocab_size:
-                    raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+                    raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
         if not out:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequestError("the prompt is empty", param="prompt")
         return out
 
     def add_request(self, request_id: Optional[str], prompt: PromptType, params: Optional[SamplingParams] = None,

@@ -1,6 +1,7 @@
 """Per-request sampling parameters (vLLM-shaped).
 
-`SamplingParams` is plain data: validated on construction (`ValueError` naming the field), immutable in use.
+`SamplingParams` is plain data: validated on construction (`InvalidParameterError`, a `ValueError` whose `param`
+is the field at fault), immutable in use.
 The scheduler never reads it except for `n`, `max_tokens` and stop conditions; `sampling.py` turns a batch of
 them into per-row device tensors.
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Optional, Sequence, Union
+
+from .errors import InvalidParameterError
 
 
 @dataclasses.dataclass
@@ -41,7 +44,7 @@ class SamplingParams:
 
     def _validate(self) -> None:
         def bad(field: str, why: str) -> None:
-            raise ValueError(f"SamplingParams.{field} {why} (got {getattr(self, field)!r})")
+            raise InvalidParameterError("SamplingParams", field, why, getattr(self, field))
 
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", "must be an integer >= 1")

@@ -176,7 +176,7 @@ def test_config_checks():
 
 
 def test_serve_cli_flags():
-    from yaie_jax.settings import load_settings
+    from yaie_jax.server.settings import load_settings
     s = load_settings(["--coordinator-address", "10.0.0.1:1234", "--num-processes", "2", "--process-id", "1"],
                       environ={})
     assert (s.engine.coordinator_address, s.engine.num_processes, s.engine.process_id) == ("10.0.0.1:1234", 2, 1)

@@ -29,7 +29,7 @@ from fake_engine import FakeEngine  # noqa: E402
 
 from yaie_jax.async_engine import AsyncEngine  # noqa: E402
 from yaie_jax.server.app import create_app  # noqa: E402
-from yaie_jax.settings import ServerSettings  # noqa: E402
+from yaie_jax.server.settings import ServerSettings  # noqa: E402
 
 REAL = os.environ.get("YAIE_SERVER_TEST_ENGINE", "fake") == "real"
 

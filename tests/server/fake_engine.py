@@ -2,7 +2,8 @@
 
 It implements the engine interface the server relies on (add_request / make_request + add_prepared /
 abort_request / step / has_unfinished_requests / get_stats, `tokenizer`, `model_config`, `max_model_len`,
-`config`) with vLLM output semantics (cumulative text and token ids, finish reasons stop/length/timeout).
+`config`) with vLLM output semantics (cumulative text and token ids, finish reasons stop/length/timeout), and
+refuses bad input with the engine's typed errors (yaie_jax/errors.py: `param` names the field at fault).
 
 Tokenizer: bytes. Token id b < 256 is the byte b, 256 is EOS ("<|eos|>"), ids up to VOCAB_SIZE-1 are other
 special tokens. Text is UTF-8; streamed text never ends in half a character.
@@ -28,6 +29,7 @@ import zlib
 from typing import List, Optional, Union
 
 from yaie_jax.config import EngineConfig
+from yaie_jax.errors import ContextLengthError, InvalidRequestError
 from yaie_jax.outputs import CompletionOutput, Logprob, RequestOutput
 from yaie_jax.sampling_params import SamplingParams
 
@@ -164,18 +166,19 @@ class FakeEngine:
         else:
             ids = [int(t) for t in prompt_token_ids]
         if not ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequestError("the prompt is empty", param="prompt")
         if min(ids) < 0 or max(ids) >= VOCAB_SIZE:
-            raise ValueError(f"prompt token ids must be in [0, {VOCAB_SIZE})")
+            raise InvalidRequestError(f"prompt token ids must be in [0, {VOCAB_SIZE})", param="prompt")
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
         if len(ids) + max_tokens > self.max_model_len or max_tokens < 1:
-            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                             f"requested {len(ids) + max(1, max_tokens)} tokens (context length exceeded).")
+            raise ContextLengthError(f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                                     f"you requested {len(ids) + max(1, max_tokens)} tokens (context length "
+                                     f"exceeded).")
         if params.n > self.config.max_num_seqs:
-            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+            raise InvalidRequestError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}", param="n")
         for t in params.stop_token_ids:
             if not 0 <= t < VOCAB_SIZE:
-                raise ValueError(f"stop_token_ids must be in [0, {VOCAB_SIZE})")
+                raise InvalidRequestError(f"stop_token_ids must be in [0, {VOCAB_SIZE})", param="stop_token_ids")
         return FakeRequest(request_id, prompt if isinstance(prompt, str) else None, ids, params, priority=priority,
                            client_id=client_id, queue_timeout_s=queue_timeout_s, timeout_s=timeout_s,
                            stream=stream, max_tokens=max_tokens)

@@ -176,13 +176,15 @@ def test_server_still_healthy_after_bad_inputs(server):
 from conftest import live_server  # noqa: E402
 from fake_engine import FakeEngine  # noqa: E402
 
+from yaie_jax.errors import InvalidRequestError  # noqa: E402
+
 
 class _RefusingEngine(FakeEngine):
     """Accepts a request at the HTTP layer, then refuses it in the engine thread (after the stream started)."""
 
     def add_prepared(self, req) -> None:
         self._check_thread()
-        raise ValueError("prompt token ids must be in [0, 10)")
+        raise InvalidRequestError("prompt token ids must be in [0, 10)", param="prompt")
 
 
 @pytest.mark.parametrize("endpoint,base,param", [("/v1/completions", COMPLETION, "prompt"),

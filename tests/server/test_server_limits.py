@@ -53,7 +53,7 @@ def test_open_endpoints_and_openai_client_with_keys(keyed):
 
 
 def test_api_key_from_env_via_settings(monkeypatch):
-    from yaie_jax.settings import load_settings
+    from yaie_jax.server.settings import load_settings
     s = load_settings([], {"YAIE_API_KEY": "env-key"})
     assert s.server.api_keys == ["env-key"]
     with live_server(api_keys=s.server.api_keys) as srv:

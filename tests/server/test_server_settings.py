@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from yaie_jax.settings import ConfigError, ServerSettings, load_settings
+from yaie_jax.server.settings import ConfigError, ServerSettings, load_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -19,27 +19,11 @@ from typing import Any, Dict, List, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..sampling_params import SamplingParams
+from .errors import APIError, engine_refusal
 
 INT64_MIN, UINT64_MAX = -(2 ** 63), 2 ** 64 - 1
 MAX_PROMPTS = 256             # prompts in one completions request
 MAX_STOP = 64                 # stop strings / stop token ids per request
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[Dict[str, str]] = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 class _Base(BaseModel):
@@ -111,7 +95,7 @@ class _SamplingFields(_Base):
         return self
 
     def sampling_params(self, *, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
-        """The engine's `SamplingParams`; a `ValueError` from it becomes a 400 naming the field."""
+        """The engine's `SamplingParams`; its `InvalidParameterError` becomes a 400 naming the field."""
         try:
             return SamplingParams(
                 n=_d(self.n, 1), temperature=_d(self.temperature, 1.0), top_p=_d(self.top_p, 1.0),
@@ -124,12 +108,7 @@ class _SamplingFields(_Base):
                 include_stop_str_in_output=_d(self.include_stop_str_in_output, False),
                 skip_special_tokens=_d(self.skip_special_tokens, True))
         except ValueError as e:
-            msg = str(e)
-            param = None
-            if msg.startswith("SamplingParams."):
-                param, _, why = msg[len("SamplingParams."):].partition(" ")
-                msg = f"Invalid value for '{param}': {why}."
-            raise APIError(400, msg, param=param) from None
+            raise engine_refusal(e, "prompt") from None
 
     @property
     def include_usage(self) -> bool:
@@ -187,6 +166,11 @@ class CompletionRequest(_SamplingFields):
     @property
     def prompts(self) -> List[Union[str, List[int]]]:
         return self.prompt
+
+    def to_sampling_params(self) -> SamplingParams:
+        """max_tokens defaults to 16 (OpenAI's completions default)."""
+        return self.sampling_params(max_tokens=self.max_tokens if self.max_tokens is not None else 16,
+                                    logprobs=self.logprobs)
 
 
 class TextContentPart(_Base):
@@ -262,6 +246,11 @@ class ChatCompletionRequest(_SamplingFields):
     @property
     def effective_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def to_sampling_params(self) -> SamplingParams:
+        """max_completion_tokens wins over max_tokens; `top_logprobs` alternatives per token when `logprobs`."""
+        return self.sampling_params(max_tokens=self.effective_max_tokens,
+                                    logprobs=(self.top_logprobs or 0) if self.logprobs else None)
 
 
 class TokenizeRequest(_Base):

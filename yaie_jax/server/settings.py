@@ -53,7 +53,7 @@ import os
 import typing
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .config import EngineConfig
+from ..config import EngineConfig
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,157 @@
+"""`python -m yaie_jax.serve [MODEL] [flags]`: the OpenAI-compatible HTTP server.
+
+Start-up: build the effective configuration (defaults < `--config` YAML < environment < flags; see
+`yaie_jax.server.settings`), print it as JSON (API keys redacted) with any warnings, construct the engine
+(`yaie_jax.engine.LLMEngine(config)`, imported only now so `--help`/`--print-config` stay fast), wrap it in an
+`AsyncEngine`, and run uvicorn.
+
+Shutdown (SIGTERM or Ctrl-C): the server stops accepting connections and new requests (503 + Retry-After on
+kept-alive connections, /health turns 503 "draining"), in-flight requests get `shutdown_timeout_s` to finish,
+what is left is aborted, the engine thread stops, and the process exits 0. A second Ctrl-C forces the exit.
+
+Exit codes: 0 after a clean shutdown, 2 for a configuration error (the message names the file key, variable
+or flag at fault), 1 if the engine cannot be built.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Optional, Sequence
+
+from .settings import ConfigError, Settings, parse_args
+
+logger = logging.getLogger("yaie_jax.serve")
+
+# YAIE_STARTUP_PROFILE=1: log where the engine build's time went (sampled stacks of the main thread)
+PROFILE_ENV = "YAIE_STARTUP_PROFILE"
+
+
+def build_engine(settings: Settings, factory: Optional[str] = None):
+    """The engine to serve: `LLMEngine(settings.engine)`, or `factory` ("module:callable", called with the
+    EngineConfig) for development and tests."""
+    if factory:
+        mod_name, _, fn_name = factory.partition(":")
+        fn = getattr(importlib.import_module(mod_name), fn_name or "make_engine")
+        return fn(settings.engine)
+    from ..engine import LLMEngine
+    return LLMEngine(settings.engine)
+
+
+def _log_engine_built(engine, seconds: float) -> None:
+    """One line on what building the engine cost: its step programs compiled before serving (trace+lower holds
+    the GIL; compile is near 0.1 s each when JAX's persistent cache has the program)."""
+    from .logging import fmt_age
+    runner = getattr(engine, "runner", None)
+    log = list(getattr(runner, "compile_log", None) or [])
+    logger.info("start-up: engine built in %.2f s, %s; %d step programs compiled so far: trace+lower %.2f s, "
+                "compile %.2f s (summed over threads)", seconds, fmt_age(), len(log),
+                sum(e[4] for e in log), sum(e[5] for e in log))
+
+
+def start_backend_init(settings: Settings, factory: Optional[str] = None) -> Optional[threading.Thread]:
+    """Single-process serving of the built-in engine: initialize JAX's backend (on a GPU: CUDA context, device
+    memory pool; C++ that releases the GIL) in a thread, so it overlaps the main thread's imports and model
+    loading instead of waiting for the engine's first device call. Not with several processes
+    (`jax.distributed.initialize` must come first) nor with an engine factory."""
+    if factory or settings.engine.num_processes > 1:
+        return None
+
+    def init() -> None:
+        t0 = time.monotonic()
+        try:
+            import jax
+            devices = jax.devices()
+        except Exception as e:  # the engine build reports it
+            logger.info("start-up: background JAX backend init failed (%s: %s)", type(e).__name__, e)
+            return
+        logger.info("start-up: JAX backend initialized in the background in %.2f s: %d x %s", time.monotonic() - t0,
+                    len(devices), devices[0].device_kind)
+
+    thread = threading.Thread(target=init, name="yaie-backend-init", daemon=True)
+    thread.start()
+    return thread
+
+
+def _make_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, but a signal first makes the engine refuse new requests (drain), and the process
+        exits 0 after the graceful shutdown instead of re-raising the signal."""
+
+        async_engine = None
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.async_engine is not None:
+                self.async_engine.begin_drain()
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            else:
+                self.should_exit = True
+
+    return DrainingServer
+
+
+def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m yaie_jax.serve") -> int:
+    from .settings import build_parser
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        settings, ns = parse_args(argv, parser=build_parser(prog))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("yaie_jax effective configuration:\n" + settings.to_json(), flush=True)
+    for w in settings.warnings:
+        print(f"warning: {w}", file=sys.stderr, flush=True)
+    if getattr(ns, "print_config", False):
+        return 0
+
+    srv = settings.server
+    logging.basicConfig(level=getattr(logging, srv.log_level.upper(), logging.INFO) if srv.log_level != "trace"
+                        else logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s [%(threadName)s]: %(message)s")
+    start_backend_init(settings, getattr(ns, "engine_factory", None))
+    # the web stack is imported before the engine is built: afterwards the engine's background compiles (tracing
+    # holds the GIL) would slow these imports down several times, between warm-up and serving
+    import uvicorn
+
+    from ..async_engine import AsyncEngine
+    from .app import create_app
+    from .logging import StackSampler, fmt_age
+    logger.info("start-up: building the engine, %s (Python start-up, imports, configuration)", fmt_age())
+    t0 = time.monotonic()
+    sampler = StackSampler().start() if os.environ.get(PROFILE_ENV, "") not in ("", "0") else None
+    try:
+        engine = build_engine(settings, getattr(ns, "engine_factory", None))
+    except (ValueError, OSError) as e:
+        print(f"error: cannot build the engine: {e}", file=sys.stderr)
+        return 1
+    finally:
+        profile = sampler.stop() if sampler is not None else None
+    _log_engine_built(engine, time.monotonic() - t0)
+    if profile is not None:
+        logger.info("start-up profile of the engine build (main thread, cumulative s by function): %s",
+                    "; ".join(f"{sec:.2f} {where}" for sec, where in profile))
+
+    async_engine = AsyncEngine(engine, max_waiting_requests=srv.max_waiting_requests,
+                               model_name=settings.engine.served_model_name)
+    app = create_app(async_engine, srv)
+    config = uvicorn.Config(app, host=srv.host, port=srv.port, log_level=srv.log_level,
+                            access_log=srv.access_log, timeout_graceful_shutdown=int(max(1, srv.shutdown_timeout_s)),
+                            lifespan="on")
+    server = _make_server_class()(config)
+    server.async_engine = async_engine
+    logger.info("start-up: app built, starting uvicorn, %s", fmt_age())
+    print(json.dumps({"event": "listening", "url": f"http://{srv.host}:{srv.port}/v1",
+                      "model": async_engine.model_name}), flush=True)
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

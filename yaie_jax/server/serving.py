@@ -1,0 +1,344 @@
+"""`OpenAIServing`: what every route of the app does, one method per endpoint (the routes in app.py only delegate).
+
+Generation (completions and chat) runs one way, whatever the endpoint:
+1. `start`: read and validate the body (protocol.py), check the model, map it to `SamplingParams`, build the
+   prompts (chat: the chat template, tokenized), then `admit` every prompt or none (engine refusals -> 400 naming
+   the field, engine unavailable -> 503) into a `Call` (tracking.py).
+2. `answer`: streamed -> `stream` (SSE, streaming.py); else `collect` every output (the client's disconnect
+   aborts and answers 499) and `respond` with the endpoint's choices.
+Only the choices differ per endpoint: `_completion_chunk`/`_completion_choices` and `_chat_chunk`/`_chat_choices`.
+Choices of a multi-prompt completion are numbered prompt_index * n + sample_index (vLLM's convention).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+import uuid
+from functools import partial
+from typing import Any, Callable, List, Optional, Sequence, Union
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from ..async_engine import AsyncEngine, EngineDeadError, EngineUnavailableError, RequestStream
+from ..outputs import CompletionOutput
+from ..sampling_params import SamplingParams
+from .settings import ServerSettings
+from .errors import APIError, engine_refusal, engine_unavailable
+from .logprobs import chat_logprobs, completion_logprobs
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_request
+from .streaming import ChoiceFn, ClientDisconnected, SSEResponse, merged, run_unless_disconnected, sse_chunks
+from .tracking import Call, OutputTracker, RequestRecorder, usage_of
+
+Prompt = Union[str, List[int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """The fixed facts of a generation endpoint."""
+    path: str                  # for logs and metrics
+    id_prefix: str             # of the answer's id
+    input_param: str           # the request field holding the prompt, named by errors about it
+    object: str                # "object" of the non-streamed answer
+    chunk_object: str          # "object" of each streamed chunk
+    chunk_fingerprint: bool    # streamed chunks carry "system_fingerprint": null
+
+
+COMPLETIONS = Endpoint("/v1/completions", "cmpl", "prompt", "text_completion", "text_completion", False)
+CHAT = Endpoint("/v1/chat/completions", "chatcmpl", "messages", "chat.completion", "chat.completion.chunk", True)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or 413 once it exceeds `limit` bytes."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"Request body too large (limit {limit} bytes).", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class OpenAIServing:
+    """The OpenAI-compatible endpoints around one `AsyncEngine`; `recorder` gets every generation's metrics and
+    request-log line."""
+
+    def __init__(self, async_engine: AsyncEngine, settings: ServerSettings, recorder: RequestRecorder):
+        engine = async_engine.engine
+        self.async_engine = async_engine
+        self.settings = settings
+        self.recorder = recorder
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = int(engine.max_model_len)
+        self.vocab_size = int(getattr(engine.model_config, "vocab_size", 0) or 0) or None
+        self.model_name = async_engine.model_name
+        self.root_model = getattr(getattr(engine, "config", None), "model", None)
+        self.accepted_models = {self.model_name} | ({str(self.root_model)} if self.root_model else set())
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------------------------------ shared checks
+    async def parse(self, request: Request, cls):
+        """The validated body of `request` as `cls`, its model checked."""
+        body = parse_request(cls, await read_body(request, self.settings.max_request_bytes))
+        self.check_model(body.model)
+        return body
+
+    def check_model(self, name: Optional[str]) -> None:
+        if name and name not in self.accepted_models:
+            raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+
+    @staticmethod
+    def client_of(request: Request, user: Optional[str]) -> Optional[str]:
+        kid = request.scope.get("state", {}).get("api_key_id")
+        base = kid or (request.client.host if request.client else None)
+        return f"{base}:{user}" if user else base
+
+    def unavailable(self, e: Exception) -> APIError:
+        return engine_unavailable(e, self.settings.retry_after_s)
+
+    # ------------------------------------------------------------------------------------ generation
+    async def start(self, request: Request, cls, ep: Endpoint, prompts_of: Callable[[Any], List[Prompt]]):
+        """The shared prologue: (body, admitted `Call`) of a generation request."""
+        arrival = time.monotonic()
+        body = await self.parse(request, cls)
+        params = body.to_sampling_params()
+        prompts = prompts_of(body)
+        rid = f"{ep.id_prefix}-{uuid.uuid4().hex}"
+        client = self.client_of(request, body.user)
+        streams = await self.admit(prompts, params, rid, priority=body.priority or 0, client=client,
+                                   stream=bool(body.stream), input_param=ep.input_param)
+        n = body.n or 1
+        return body, Call(rid, ep.path, ep.input_param, n, arrival, client, body.model or self.model_name,
+                          int(time.time()), streams, [OutputTracker(n, arrival) for _ in prompts])
+
+    async def admit(self, prompts: Sequence[Prompt], params: SamplingParams, rid: str, *, priority: int,
+                    client: Optional[str], stream: bool, input_param: str) -> List[RequestStream]:
+        """Admit every prompt or none: on any failure the ones already admitted are aborted."""
+        streams: List[RequestStream] = []
+        try:
+            for i, p in enumerate(prompts):
+                streams.append(await self.async_engine.add_request(
+                    f"{rid}-{i}", p, params, priority=priority, client_id=client, stream=stream,
+                    timeout_s=self.settings.request_timeout_s, queue_timeout_s=self.settings.queue_timeout_s))
+        except BaseException as e:
+            for s in streams:
+                s.abort()
+            if isinstance(e, ValueError):
+                raise engine_refusal(e, input_param) from None
+            if isinstance(e, (EngineDeadError, EngineUnavailableError)):
+                raise self.unavailable(e) from None
+            raise
+        return streams
+
+    async def answer(self, request: Request, body, call: Call, ep: Endpoint, *, first_choices: List[dict],
+                     choice_of: ChoiceFn, final_choices: Callable[[], List[dict]]) -> Response:
+        """The shared epilogue: stream the answer, or collect it and respond with `final_choices()`."""
+        if body.stream:
+            return self.stream(call, body, ep, first_choices=first_choices, choice_of=choice_of)
+        left = await self.collect(request, call)
+        if left is not None:
+            return left
+        return self.respond(call, ep, final_choices())
+
+    def stream(self, call: Call, body, ep: Endpoint, *, first_choices: List[dict],
+               choice_of: ChoiceFn) -> SSEResponse:
+        envelope = {"id": call.rid, "object": ep.chunk_object, "created": call.created, "model": call.model}
+        if ep.chunk_fingerprint:
+            envelope["system_fingerprint"] = None
+        chunks = sse_chunks(call, self.recorder, envelope=envelope, first_choices=first_choices, choice_of=choice_of,
+                            include_usage=body.include_usage, continuous_usage=body.continuous_usage,
+                            retry_after_s=self.settings.retry_after_s)
+        return SSEResponse(chunks, headers={"x-request-id": call.rid, "cache-control": "no-cache"},
+                           on_close=call.abort)
+
+    async def collect(self, request: Request, call: Call) -> Optional[Response]:
+        """Wait for every output of a non-streamed answer into `call.trackers`; the requests are aborted however
+        it ends. Returns the 499 response when the client left, else None (the call is recorded). Engine failures
+        become 503, an engine refusal (after admission) a 400 naming the endpoint's input field."""
+        try:
+            await run_unless_disconnected(request, self._observe_all(call))
+        except ClientDisconnected:
+            self.recorder.finish(call, time.monotonic())
+            self.recorder.log_finished(call, False, status=499, aborted=True)
+            return Response(status_code=499)
+        except (EngineDeadError, EngineUnavailableError) as e:
+            raise self.unavailable(e) from None
+        except ValueError as e:      # the engine refused it after admission (split admission)
+            raise engine_refusal(e, call.input_param) from None
+        self.recorder.finish(call, time.monotonic())
+        return None
+
+    async def _observe_all(self, call: Call) -> None:
+        try:
+            async for pi, out in merged(call.streams):
+                self.recorder.observe(call.trackers[pi], out, time.monotonic(), False)
+        finally:
+            call.abort()
+
+    def respond(self, call: Call, ep: Endpoint, choices: List[dict]) -> JSONResponse:
+        """The non-streamed answer of a collected call (and its request-log line)."""
+        self.recorder.log_finished(call, False)
+        return JSONResponse({"id": call.rid, "object": ep.object, "created": call.created, "model": call.model,
+                             "choices": choices, "usage": usage_of(call.trackers), "system_fingerprint": None},
+                            headers={"x-request-id": call.rid})
+
+    # ------------------------------------------------------------------------------------ completions
+    async def completions(self, request: Request) -> Response:
+        body, call = await self.start(request, CompletionRequest, COMPLETIONS, lambda b: b.prompts)
+        echo_text = [self._prompt_text(p) if body.echo else "" for p in body.prompts]
+        echo_choices = [{"index": pi * call.n + j, "text": echo_text[pi], "logprobs": None, "finish_reason": None}
+                        for pi in range(len(body.prompts)) for j in range(call.n)] if body.echo else []
+        return await self.answer(request, body, call, COMPLETIONS, first_choices=echo_choices,
+                                 choice_of=partial(self._completion_chunk, echo_text, call.n),
+                                 final_choices=partial(self._completion_choices, call, echo_text))
+
+    def _completion_chunk(self, echo_text: List[str], n: int, pi: int, c: CompletionOutput, tr: OutputTracker,
+                          delta: str) -> Optional[dict]:
+        j = c.index
+        lp = completion_logprobs(self.tokenizer, c, tr.ntok[j], len(echo_text[pi]) + len(tr.text[j]))
+        if not delta and c.finish_reason is None:
+            if len(c.token_ids) <= tr.ntok[j]:       # nothing new at all
+                return None
+            if lp is None:                            # new tokens, no text yet, no logprobs to send
+                tr.ntok[j] = len(c.token_ids)
+                return None
+        return {"index": pi * n + j, "text": delta, "logprobs": lp, "finish_reason": c.finish_reason}
+
+    def _completion_choices(self, call: Call, echo_text: List[str]) -> List[dict]:
+        choices = []
+        for pi, tr in enumerate(call.trackers):
+            for c in sorted(tr.latest.outputs, key=lambda c: c.index):
+                choices.append({"index": pi * call.n + c.index, "text": echo_text[pi] + c.text,
+                                "logprobs": completion_logprobs(self.tokenizer, c, 0, len(echo_text[pi])),
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        return choices
+
+    def _prompt_text(self, p: Prompt) -> str:
+        if isinstance(p, str):
+            return p
+        try:
+            return self.tokenizer.decode(p, skip_special_tokens=False)
+        except Exception:
+            return ""
+
+    # ------------------------------------------------------------------------------------ chat
+    async def chat(self, request: Request) -> Response:
+        body, call = await self.start(request, ChatCompletionRequest, CHAT, self._chat_prompt_ids)
+        top_n = body.top_logprobs or 0
+        role_choices = [{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None} for j in range(call.n)]
+        return await self.answer(request, body, call, CHAT, first_choices=role_choices,
+                                 choice_of=partial(self._chat_chunk, bool(body.logprobs), top_n),
+                                 final_choices=partial(self._chat_choices, call, bool(body.logprobs), top_n))
+
+    def _chat_prompt_ids(self, body: ChatCompletionRequest) -> List[List[int]]:
+        prompt_text = self.chat_prompt(body.messages, body.add_generation_prompt)
+        try:
+            return [[int(t) for t in self.tokenizer.encode(prompt_text, add_special_tokens=False)]]
+        except Exception as e:
+            raise APIError(400, f"Could not tokenize the messages: {e}", param="messages") from None
+
+    def _chat_chunk(self, logprobs: bool, top_n: int, pi: int, c: CompletionOutput, tr: OutputTracker,
+                    delta: str) -> Optional[dict]:
+        j = c.index
+        lp = chat_logprobs(self.tokenizer, c, tr.ntok[j], top_n) if logprobs else None
+        if not delta and c.finish_reason is None and not (lp and lp["content"]):
+            tr.ntok[j] = len(c.token_ids)
+            return None
+        return {"index": j, "delta": {"content": delta} if delta else {}, "logprobs": lp,
+                "finish_reason": c.finish_reason}
+
+    def _chat_choices(self, call: Call, logprobs: bool, top_n: int) -> List[dict]:
+        return [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                 "logprobs": chat_logprobs(self.tokenizer, c, 0, top_n) if logprobs else None,
+                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                for c in sorted(call.trackers[0].latest.outputs, key=lambda c: c.index)]
+
+    def chat_prompt(self, messages, add_generation_prompt: Optional[bool]) -> str:
+        from ..tokenizer import apply_chat_template
+        convo = [m.as_template_dict() for m in messages]
+        try:
+            return apply_chat_template(self.tokenizer, convo,
+                                       add_generation_prompt=True if add_generation_prompt is None
+                                       else add_generation_prompt)
+        except Exception as e:  # jinja TemplateError (e.g. roles must alternate) is the caller's input
+            raise APIError(400, f"The chat template rejected the messages: {e}", param="messages") from None
+
+    # ------------------------------------------------------------------------------------ tokenization
+    async def tokenize(self, request: Request) -> dict:
+        body = await self.parse(request, TokenizeRequest)
+        try:
+            if body.messages is not None:
+                text = self.chat_prompt(body.messages, body.add_generation_prompt)
+                add_special = bool(body.add_special_tokens) if body.add_special_tokens is not None else False
+            else:
+                text = body.prompt
+                add_special = True if body.add_special_tokens is None else body.add_special_tokens
+            ids = [int(t) for t in self.tokenizer.encode(text, add_special_tokens=add_special)]
+        except APIError:
+            raise
+        except Exception as e:
+            raise APIError(400, f"Could not tokenize the input: {e}", param="prompt") from None
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
+
+    async def detokenize(self, request: Request) -> dict:
+        body = await self.parse(request, DetokenizeRequest)
+        if self.vocab_size is not None and any(t < 0 or t >= self.vocab_size for t in body.tokens):
+            raise APIError(400, f"Token ids must be in [0, {self.vocab_size}).", param="tokens")
+        try:
+            text = self.tokenizer.decode(body.tokens, skip_special_tokens=False)
+        except Exception as e:
+            raise APIError(400, f"Could not detokenize the input: {e}", param="tokens") from None
+        return {"prompt": text}
+
+    # ------------------------------------------------------------------------------------ models, health
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "yaie_jax",
+                "root": str(self.root_model or self.model_name), "parent": None, "max_model_len": self.max_model_len}
+
+    def list_models(self) -> dict:
+        return {"object": "list", "data": [self.model_card()]}
+
+    def get_model(self, model_id: str) -> dict:
+        self.check_model(model_id)
+        return self.model_card()
+
+    def health(self) -> JSONResponse:
+        h = self.async_engine.health()
+        h["model"] = self.model_name
+        h["device_memory"] = device_memory()
+        h["kv_cache_usage"] = self.async_engine.stats().get("kv_cache_usage")
+        status = 200 if h["status"] == "ok" else 503
+        headers = {"retry-after": str(max(1, self.settings.retry_after_s))} if status == 503 else None
+        return JSONResponse(h, status_code=status, headers=headers)
+
+
+def device_memory() -> Optional[List[dict]]:
+    """Per-device memory from JAX's `memory_stats()` when JAX is already loaded and reports it, else None."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return None
+    try:
+        out = []
+        for d in jax.local_devices():
+            stats = d.memory_stats()
+            if not stats:
+                continue
+            out.append({"device": str(d), "bytes_in_use": stats.get("bytes_in_use"),
+                        "bytes_limit": stats.get("bytes_limit"),
+                        "peak_bytes_in_use": stats.get("peak_bytes_in_use")})
+        return out or None
+    except Exception:
+        return None
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("yaie_jax")
+    except Exception:
+        return "0.1.0"
+
+
+__all__ = ["OpenAIServing", "Endpoint", "COMPLETIONS", "CHAT", "read_body", "device_memory", "package_version"]
