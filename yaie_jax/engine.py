@@ -240,8 +240,9 @@ class LLMEngine:
         if request_id is None:
             request_id = f"req-{next(self._request_counter)}"
         if self.tokenizer is None and (isinstance(prompt, str) and prompt_token_ids is None or params.stop):
-            raise ValueError("this engine has no tokenizer (skip_tokenizer_init): prompts must be token ids and "
-                             "stop must be empty (use stop_token_ids)")
+            raise InvalidRequestError("this engine has no tokenizer (skip_tokenizer_init): prompts must be token "
+                                      "ids and stop must be empty (use stop_token_ids)",
+                                      param="stop" if params.stop else "prompt")
         if prompt_token_ids is None:
             if isinstance(prompt, str):
                 prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=self._add_special_tokens())

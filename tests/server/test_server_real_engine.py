@@ -59,3 +59,24 @@ def test_tiny_gpt2_stream_equals_nonstream_and_disconnect_frees(tmp_path):
         eng_bm = eng.block_manager
         time.sleep(0.2)
         assert eng_bm.num_free_gpu_blocks + eng_bm.num_evictable_gpu_blocks == eng.runner.num_gpu_blocks
+
+
+def test_server_without_a_tokenizer_takes_token_ids_and_refuses_text(tmp_path):
+    """skip_tokenizer_init: token-id prompts are answered with token ids (text ""), logprob tokens read
+    "token_id:N" as vLLM writes them; chat, text prompts and /tokenize get a 400 saying why."""
+    path = support.make_gpt2_dir(str(tmp_path), with_tokenizer=False)
+    eng = LLMEngine(model=path, dtype="float32", skip_tokenizer_init=True, **ENGINE)
+    with live_server(engine=eng) as srv:
+        r = srv.client().completions.create(model=srv.model, prompt=[5, 6, 7], max_tokens=4, temperature=0,
+                                            logprobs=1, extra_body={"ignore_eos": True})
+        assert r.choices[0].text == "" and r.usage.completion_tokens == 4
+        assert all(t.startswith("token_id:") for t in r.choices[0].logprobs.tokens)
+        for url, body, param in [("/v1/completions", {"model": srv.model, "prompt": "text"}, "prompt"),
+                                 ("/v1/chat/completions", {"model": srv.model,
+                                                           "messages": [{"role": "user", "content": "hi"}]},
+                                  "messages"),
+                                 ("/tokenize", {"prompt": "hi"}, "prompt")]:
+            resp = httpx.post(srv.url + url, json=body, timeout=30)
+            assert resp.status_code == 400, (url, resp.text)
+            err = resp.json()["error"]
+            assert err["param"] == param and "tokenizer" in err["message"], err

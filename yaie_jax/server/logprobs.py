@@ -25,6 +25,8 @@ def token_text(tokenizer, tid: int, lp: Optional[Logprob] = None) -> str:
     """The text of token `tid`: the engine's decoding when it gave one, else the tokenizer's ("" if it fails)."""
     if lp is not None and lp.decoded_token is not None:
         return lp.decoded_token
+    if tokenizer is None:                     # skip_tokenizer_init: the id itself, as vLLM writes it
+        return f"token_id:{tid}"
     try:
         return tokenizer.decode([tid], skip_special_tokens=False)
     except Exception:

@@ -217,6 +217,8 @@ class OpenAIServing:
     def _prompt_text(self, p: Prompt) -> str:
         if isinstance(p, str):
             return p
+        if self.tokenizer is None:
+            return ""
         try:
             return self.tokenizer.decode(p, skip_special_tokens=False)
         except Exception:
@@ -255,8 +257,15 @@ class OpenAIServing:
                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                 for c in sorted(call.trackers[0].latest.outputs, key=lambda c: c.index)]
 
+    def require_tokenizer(self, what: str, param: str) -> None:
+        """400 when the engine runs without a tokenizer (skip_tokenizer_init) and `what` needs one."""
+        if self.tokenizer is None:
+            raise APIError(400, f"{what} needs a tokenizer, and this server runs without one "
+                                f"(--skip-tokenizer-init): send token ids to /v1/completions", param=param)
+
     def chat_prompt(self, messages, add_generation_prompt: Optional[bool]) -> str:
         from ..tokenizer import apply_chat_template
+        self.require_tokenizer("Chat", "messages")
         convo = [m.as_template_dict() for m in messages]
         try:
             return apply_chat_template(self.tokenizer, convo,
@@ -268,6 +277,7 @@ class OpenAIServing:
     # ------------------------------------------------------------------------------------ tokenization
     async def tokenize(self, request: Request) -> dict:
         body = await self.parse(request, TokenizeRequest)
+        self.require_tokenizer("Tokenization", "prompt")
         try:
             if body.messages is not None:
                 text = self.chat_prompt(body.messages, body.add_generation_prompt)
@@ -286,6 +296,7 @@ class OpenAIServing:
         body = await self.parse(request, DetokenizeRequest)
         if self.vocab_size is not None and any(t < 0 or t >= self.vocab_size for t in body.tokens):
             raise APIError(400, f"Token ids must be in [0, {self.vocab_size}).", param="tokens")
+        self.require_tokenizer("Detokenization", "tokens")
         try:
             text = self.tokenizer.decode(body.tokens, skip_special_tokens=False)
         except Exception as e:
