@@ -17,6 +17,7 @@
 #   bash scripts/gpu/perf_stage.sh AB4 # W4 steady state x4 at the working tree; W2
 #   bash scripts/gpu/perf_stage.sh AB5 # W4 x3 and W1: old_ref/ vs working tree alternated (generate's feeder)
 #   bash scripts/gpu/perf_stage.sh AB6 # W4 x2 and W1 at the working tree
+#   bash scripts/gpu/perf_stage.sh Q1  # issue 19: W1 tuned vs untuned x2, W3 on an untuned server (+ GGUF part a)
 #   bash scripts/gpu/perf_stage.sh TP  # issue 8: GPT-2 large at TP sizes $TP_SIZES (2-4 GPU machine)
 set -x
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -238,6 +239,23 @@ F)
   TAIL=6 run w3 150 python3 scripts/bench_serving.py --rates 4 16 64 --duration-s 20 --out $OUT
   kill -TERM $SERVER; wait $SERVER
   tar czf $OUT/logs.tar.gz -C $OUT start && rm -rf $OUT/start/*.log
+  ;;
+Q1)
+  # issue 19 call 1 (carry .whl .gg/part_aa): W1 tuned (README settings) vs untuned LLM(model), alternated twice;
+  # W3 against a server started with no tuning flags; keeps the first half of the embedded GGUF for stage Q2
+  wheels || exit 1
+  mkdir -p /root/gg && cp .gg/part_aa /root/gg/
+  for i in 1 2; do for v in tuned untuned; do mkdir -p $OUT/${v}_$i
+    TAIL=6 run w1_${v}_$i 200 python3 scripts/bench_throughput.py --workload W1 --backend yaie --repeats 3 \
+        $([ $v = untuned ] && echo --untuned) --out $OUT/${v}_$i
+  done; done
+  python3 -m yaie_jax.serve ~/.cache/yaie_bench/gpt2_124m --port 8000 --no-access-log > $OUT/server_w3.log 2>&1 &
+  SERVER=$!
+  for i in $(seq 150); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
+  for i in $(seq 120); do grep -aq "background compiles done" $OUT/server_w3.log && break; sleep 1; done
+  grep -a "chosen for this" $OUT/server_w3.log
+  run w3 150 python3 scripts/bench_serving.py --rates 16 64 --duration-s 20 --out $OUT
+  kill -TERM $SERVER; wait $SERVER
   ;;
 TP)
   run tp 560 python3 scripts/bench_tp.py --tp ${TP_SIZES:-1,2} --head ${TP_HEADS:-replicated,vocab} --out $OUT
