@@ -9,19 +9,33 @@ know about pages, requests or kernels.
 - `input_ids`, `positions`: int32 arrays of the same shape `[*lead]` (the engine uses one flat ragged batch
   `[T]`; full-sequence scoring uses `[batch, seq]`).
 - `attention(layer_idx, q, k, v, kv_cache) -> (out, new_kv_cache)` with `q [*lead, num_heads, head_dim]`,
-  `k`, `v [*lead, num_kv_heads, head_dim]` (RoPE already applied for Llama), `out [*lead, num_heads, head_dim]`.
+  `k`, `v [*lead, num_kv_heads, head_dim]` (RoPE already applied in rotary families), `out [*lead, num_heads,
+  head_dim]`.
   `kv_cache` is `kv_caches[layer_idx]` (whatever the backend keeps per layer, e.g. `(k_pages, v_pages)`), or
   None when `kv_caches` is None. The softmax scale is 1/sqrt(head_dim) for every supported model.
 - `kv_caches`: a list with one entry per layer, or None; returned updated (same structure).
 - `hidden [*lead, hidden_size]` is the final-norm output; `apply_logits` maps any `[..., hidden_size]` to
   float32 `[..., vocab_size]`, so the engine computes logits only for the rows it samples.
 
-Shared implementation: `DecoderModule` (the Flax body every family reuses: layer loop, final norm, tied or untied
-LM head) and `CausalLMBase` (the host-side wrapper: params, `init_params`, jitted full-sequence `logits`).
+Shared implementation: `DecoderModule` (embed -> one `DecoderBlock` (models/decoder.py) per layer -> final norm,
+tied or untied LM head) and `CausalLMBase` (the host-side wrapper: params, `init_params`, HF checkpoint
+conversion, jitted full-sequence `logits`). Building blocks: models/layers.py (norms, Dense, LM head), models/rope.py.
+
+Adding a decoder-only family (models/llama.py is the file to copy):
+1. `config_from_hf(hf: dict) -> ModelConfig`: read config.json; raise ValueError for every option the shared
+   block would silently compute differently.
+2. A `DecoderSpec` (models/decoder.py): norm kind, positions (rope | learned), QKV kind (separate | fused), MLP
+   kind, biases, and the family's norm / embedding / layer param names. A feature the block lacks (q/k norm,
+   sliding window, MoE MLP) becomes a new spec value there, tested against HF, not code in the family file.
+3. An `HFCheckpoint` (models/hf_checkpoint.py): our module names -> HF module paths, the layer path, prefixes.
+4. `class XForCausalLM(CausalLMBase): spec = ...; checkpoint = ...`, and `params_from_hf = XForCausalLM.params_from_hf`.
+5. Register the HF `model_type` in models/registry.py; add tests/models/test_x.py comparing logits, greedy tokens
+   and gradients with HF transformers on a tiny random checkpoint (as tests/models/test_llama.py does).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Protocol, Tuple
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import flax.linen as nn
 import jax
@@ -30,6 +44,10 @@ import numpy as np
 
 from .attention_dense import dense_causal_attention
 from .config import ModelConfig
+from .decoder import DecoderBlock, DecoderSpec
+from .hf_checkpoint import HFCheckpoint, params_from_state_dict
+from .layers import NORMS, LMHead
+from .rope import rope_cos_sin, rope_inv_freq
 
 Params = Any  # nested dict of arrays
 KVCache = Any
@@ -51,36 +69,38 @@ class CausalLM(Protocol):
         ...
 
 
-class LMHead(nn.Module):
-    """Untied LM head: [..., D] @ kernel [D, V] -> float32 [..., V], accumulated in float32."""
-    features: int
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features))
-        return jnp.einsum("...d,dv->...v", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
-
-
 class DecoderModule(nn.Module):
-    """What the decoder-only families share: embed -> layers -> final norm, and a tied or untied LM head.
-
-    A subclass's `setup` creates its submodules under its own param names (`h_i`, `layers_i`, ...), assigning
-    `self.layers` (blocks called as `layer(x, *layer_args, layer_idx, attention, kv_cache) -> (x, kv_cache)`) and
-    `self.final_norm`, then calls `self.setup_lm_head()`. It implements `embed(input_ids, positions) ->
-    (x [*lead, D], layer_args)` (layer_args: what every layer gets besides x, e.g. Llama's RoPE tables) and
-    `token_embedding()` (the [V, D] table a tied head multiplies by). The untied head's params are `lm_head`.
-    """
+    """What the decoder-only families share: embed -> `DecoderBlock`s -> final norm, and a tied or untied LM head,
+    all as `spec` says. Params: {spec.token_embed: {"embedding" [V, D]}, spec.pos_embed (learned positions only):
+    {"embedding" [P, D]}, f"{spec.layer_prefix}{i}": the block's params, spec.final_norm: the norm's params,
+    "lm_head": {"kernel" [D, V]} (untied only)}."""
     cfg: ModelConfig
+    spec: DecoderSpec
 
-    def setup_lm_head(self):
-        if not self.cfg.tie_word_embeddings:
-            self.lm_head = LMHead(self.cfg.vocab_size, name="lm_head")
+    def setup(self):
+        cfg, spec = self.cfg, self.spec
+        self.token_embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name=spec.token_embed)
+        if spec.positions == "learned":
+            self.pos_embed = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, name=spec.pos_embed)
+        self.layers = [DecoderBlock(cfg, spec, name=f"{spec.layer_prefix}{i}") for i in range(cfg.num_layers)]
+        self.final_norm = NORMS[spec.norm](cfg.norm_eps, name=spec.final_norm)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = LMHead(cfg.vocab_size, name="lm_head")
+
+    def embed(self, input_ids, positions):
+        """-> (x [*lead, D], rope: the (cos, sin) tables every layer shares, or None for learned positions)."""
+        table = self.token_embed.embedding                                         # [V, D]
+        if self.spec.positions == "rope":
+            rope = rope_cos_sin(positions, jnp.asarray(rope_inv_freq(self.cfg)))
+            return jnp.take(table, input_ids, axis=0), rope
+        x = jnp.take(table, input_ids, axis=0) + jnp.take(self.pos_embed.embedding, positions, axis=0)
+        return x.astype(table.dtype), None
 
     def __call__(self, input_ids, positions, attention, kv_caches):
-        x, layer_args = self.embed(input_ids, positions)                           # [*lead, D]
+        x, rope = self.embed(input_ids, positions)                                 # [*lead, D]
         new_caches = None if kv_caches is None else []
         for i, layer in enumerate(self.layers):  # unrolled on purpose: per-layer caches stay separate arrays
-            x, c = layer(x, *layer_args, i, attention, None if kv_caches is None else kv_caches[i])
+            x, c = layer(x, rope, i, attention, None if kv_caches is None else kv_caches[i])
             if new_caches is not None:
                 new_caches.append(c)
         x = self.final_norm(x)
@@ -91,32 +111,50 @@ class DecoderModule(nn.Module):
     def logits(self, hidden):
         # LM head: [..., D] -> float32 [..., V], products accumulated in float32
         if self.cfg.tie_word_embeddings:
-            w = self.token_embedding()                                             # [V, D]
+            w = self.token_embed.embedding                                         # [V, D]
             return jnp.einsum("...d,vd->...v", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
         return self.lm_head(hidden)
 
 
 class CausalLMBase:
-    """A Flax module + host params implementing the models/base.py contract (shared by GPT-2 and Llama).
+    """A Flax `DecoderModule` + host params implementing the models/base.py contract. A family subclasses it and
+    sets `spec` (its DecoderSpec) and `checkpoint` (its HFCheckpoint).
 
     `logits` keeps one device copy of `params` (made on first use, remade when `.params` is replaced), so repeated
     scoring calls do not re-upload the weights."""
-    module_cls = None
+    spec: DecoderSpec = None
+    checkpoint: HFCheckpoint = None
 
     def __init__(self, config: ModelConfig, params: Optional[dict] = None):
         self.config = config
-        self.module = self.module_cls(config)
+        self.module = DecoderModule(config, self.spec)
         self.params = params
         self._logits_jit = jax.jit(self._full_logits)
         self._device_params = None
         self._device_params_of = None  # the host pytree `_device_params` was made from
 
+    def _init(self, seed: int):
+        ids = jnp.zeros((1, 2), jnp.int32)
+        return self.module.init(jax.random.PRNGKey(seed), ids, jnp.zeros_like(ids), dense_causal_attention(), None)
+
     def init_params(self, seed: int = 0, dtype=jnp.float32) -> dict:
         """Random params of this config (numpy), e.g. for tests and shape inspection."""
-        ids = jnp.zeros((1, 2), jnp.int32)
-        variables = self.module.init(jax.random.PRNGKey(seed), ids, jnp.zeros_like(ids),
-                                     dense_causal_attention(), None)
-        return jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=dtype), variables["params"])
+        return jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=dtype), self._init(seed)["params"])
+
+    def param_shapes(self) -> dict:
+        """The params tree of this config as jax.ShapeDtypeStructs, traced abstractly (nothing is computed) for a
+        one-layer copy of the config, since every layer has the same params: the cost does not grow with depth."""
+        one = type(self)(dataclasses.replace(self.config, num_layers=1))
+        shapes = jax.eval_shape(lambda: one._init(0)["params"])
+        layer = shapes.pop(f"{self.spec.layer_prefix}0")
+        return {**shapes, **{f"{self.spec.layer_prefix}{i}": layer for i in range(self.config.num_layers)}}
+
+    @classmethod
+    def params_from_hf(cls, sd: Dict[str, np.ndarray], config: ModelConfig) -> dict:
+        """HF state dict (numpy) -> our params pytree (the same arrays, renamed; [out, in] weights transposed;
+        every tensor shape-checked against `config`). Tensors the model does not use are ignored."""
+        return params_from_state_dict(sd, cls.checkpoint, cls(config).param_shapes(), cls.spec.layer_prefix,
+                                      config.num_layers)
 
     def apply_hidden(self, params, input_ids, positions, attention, kv_caches):
         """(input_ids, positions int [*lead]) -> (final-norm hidden [*lead, D], updated kv_caches)."""
@@ -124,7 +162,7 @@ class CausalLMBase:
 
     def apply_logits(self, params, hidden):
         """hidden [..., D] -> float32 logits [..., V]."""
-        return self.module.apply({"params": params}, hidden, method=self.module_cls.logits)
+        return self.module.apply({"params": params}, hidden, method=DecoderModule.logits)
 
     def _full_logits(self, params, input_ids, mask):
         B, S = input_ids.shape

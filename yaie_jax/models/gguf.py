@@ -8,7 +8,7 @@
   are decoded here; other types (K-quants, ...) go through `gguf.quants.dequantize`, the package's reference.
   The engine computes in float (bf16/fp32), so quantization only saves disk, not device memory.
 - llama.cpp's converter reorders the rows of Q and K inside each head (interleaved rotary pairs, GPT-J style);
-  `unpermute_qk` puts them back in the HF (rotate-half) order that models/llama.py uses.
+  `unpermute_qk` puts them back in the HF (rotate-half) order that models/rope.py uses.
 - The tokenizer is built at run time from the metadata with `tokenizers` (transformers' own GGUF tokenizer
   path imports torch): byte-level BPE vocab + merges, the pre-tokenizer that `tokenizer.ggml.pre` names,
   control tokens as special tokens, bos/eos/unk/pad, and `tokenizer.chat_template`.
