@@ -3,6 +3,7 @@
     python scripts/bench_throughput.py --workload W1 --backend yaie
     python scripts/bench_throughput.py --workload W1 --backend hf
     python scripts/bench_throughput.py --workload W4 --backend yaie   # prefix cache on (cascade on/off) and off
+    python scripts/bench_throughput.py --workload W1 --backend yaie --deterministic   # batch-invariant mode
 
 Random weights, bf16, EOS ignored. Prints a table; writes JSON (device, JAX version, date, config) and a PNG.
 """
@@ -41,7 +42,7 @@ def run_yaie(model_dir: str, prompts, max_new, args, enable_prefix_caching: bool
                   attention_backend=args.attention_backend, num_decode_steps=args.num_decode_steps,
                   max_model_len=args.max_model_len, warmup=not args.no_warmup,
                   gpu_memory_utilization=args.gpu_memory_utilization, gc_freeze=not args.no_gc_freeze,
-                  pipelined_prefill=args.pipelined_prefill)
+                  pipelined_prefill=args.pipelined_prefill, deterministic=args.deterministic)
     engine_args = {k: getattr(llm.engine.config, k) for k in
                    ("dtype", "max_num_seqs", "max_num_batched_tokens", "num_decode_steps", "gpu_memory_utilization")}
     print("engine arguments:", engine_args, flush=True)
@@ -212,6 +213,8 @@ def main() -> None:
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--warmup-passes", type=int, default=1, help="untimed passes of the workload before the timed ones")
     ap.add_argument("--pipelined-prefill", action="store_true", help="engine arg pipelined_prefill=True")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="engine arg deterministic=True (batch-invariant steps, yaie_jax/deterministic.py)")
     ap.add_argument("--no-gc-freeze", action="store_true", help="engine arg gc_freeze=False (yaie_jax/gc_pause.py)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed passes (yaie); the table shows the pass of median time, the JSON every pass's time")
@@ -248,11 +251,13 @@ def main() -> None:
             rows.append({"backend": name, **run_yaie(model_dir, prompts, max_new, args, enable_prefix_caching=on,
                                                      cascade_attention=cascade)})
     else:
-        rows.append({"backend": "yaie", **run_yaie(model_dir, prompts, max_new, args)})
+        name = "yaie deterministic" if args.deterministic else "yaie"
+        rows.append({"backend": name, **run_yaie(model_dir, prompts, max_new, args)})
     bc.print_table(rows, ["backend", "output_tok_s", "elapsed_s", "output_tokens", "mean_ttft_s", "startup_s",
                           "num_device_calls", "num_cascade_calls"])
     record = {"workload": args.workload, "config": vars(args), "env": bc.environment(), "results": rows}
-    path = bc.write_result(args.out, f"throughput_{args.workload}_{args.backend}", record)
+    tag = "_deterministic" if args.deterministic and args.backend == "yaie" else ""
+    path = bc.write_result(args.out, f"throughput_{args.workload}_{args.backend}{tag}", record)
     print("wrote", path)
 
 

@@ -47,6 +47,9 @@ class EngineConfig:
                                                 # (off: W4's TTFT ratio 0.35 with it vs 0.30, W3's p99 TTFT
                                                 # 28.5 vs 23.5 ms on an H200; bench/NOTES.md §15)
     cascade_attention: bool = True              # decode reads prefixes shared by sequences once (pallas backend)
+    deterministic: bool = False                 # batch-invariant steps: a request's tokens and logprobs do not
+                                                # depend on the rest of the batch, prefix-cache hits, chunking or
+                                                # preemption (yaie_jax/deterministic.py); cascade attention off
     compile_cache_dir: Optional[str] = dataclasses.field(default_factory=default_compile_cache_dir)
     warmup: bool = True                         # compile every bucket at start-up
     gc_freeze: bool = True                      # move start-up's objects out of the collector's reach (gc_pause)
@@ -90,6 +93,8 @@ class EngineConfig:
             bad("tensor_parallel_size", "must be a positive integer")
         if self.target_itl_ms is not None and not self.target_itl_ms > 0:
             bad("target_itl_ms", "must be > 0 or None")
+        if not isinstance(self.deterministic, bool):
+            bad("deterministic", "must be a boolean")
         if not isinstance(self.gc_gen0_threshold, int) or self.gc_gen0_threshold < 0:
             bad("gc_gen0_threshold", "must be a non-negative integer")
         if not isinstance(self.num_processes, int) or self.num_processes < 1:

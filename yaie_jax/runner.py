@@ -31,6 +31,7 @@ from . import sampling
 from .attention import make_paged_attention
 from . import aot_cache
 from . import cascade
+from . import deterministic
 from .config import EngineConfig
 from .models.base import CausalLM
 from .scheduler import SchedulerOutput
@@ -122,10 +123,16 @@ class ModelRunner:
         self._last_step_t = 0.0             # monotonic time of the last step dispatched (background compiles wait)
         self._background_not_before = 0.0   # monotonic time before which background compiles do not start
         self._background_trace_lock = threading.Lock()   # one background compile traces/lowers at a time
+        # deterministic mode (yaie_jax/deterministic.py): every step runs "det" / "det_multi" programs instead
+        self.det = deterministic.DeterministicSteps(self) if config.deterministic else None
+        if self.det is not None:
+            self._det_step_fn = jax.jit(self.det.step_impl, donate_argnums=(1,), static_argnames=("flags",))
+            self._det_multi_step_fn = jax.jit(self.det.multi_step_impl, donate_argnums=(1,),
+                                              static_argnames=("flags", "num_steps"))
         # Cascade attention (yaie_jax/cascade.py, its policy there) for decode buckets of >= CASCADE_MIN_ROWS rows
         self.cascade_group = max(1, self.mc.num_heads // self.mc.num_kv_heads)
         self.cascade_enabled = (config.cascade_attention and self.attention_backend == "pallas"
-                                and self.cascade_group <= 32)
+                                and self.cascade_group <= 32 and self.det is None)
         self.num_cascade_calls = 0          # decode calls that carried a cascade plan
         # host seconds in `dispatch` by part (prepare_inputs: host arrays and cascade plan; launch: the
         # compiled program's call, host-to-device copies of the inputs included); the engine reports them
@@ -235,6 +242,9 @@ class ModelRunner:
         cost a few empty work items and logits rows, small next to T tokens). While buckets still compile in the
         background after start-up, a step whose bucket is not ready runs in the next larger ready one."""
         if out.padded_shape is not None:
+            return out.padded_shape
+        if self.det is not None:
+            out.padded_shape = self.det.padded_shape(out)
             return out.padded_shape
         n = len(out.scheduled)
         if out.is_decode_only:
@@ -359,9 +369,12 @@ class ModelRunner:
         t0 = time.perf_counter()
         on_device = prev_tokens is not None and bool(prev_tokens[1])     # input tokens still on the device
         batch, decode, S = self.prepare_inputs(out, tokens_on_device=on_device)
+        if self.det is not None and out.num_steps == 1:
+            batch = self.det.step_inputs(batch, len(out.scheduled))
         self.host_time_s["prepare_inputs"] += time.perf_counter() - t0
         if out.num_steps == 1:
-            return self.run_program("decode" if decode else "prefill", batch, sampling_batch, flags)
+            kind = "det" if self.det is not None else "decode" if decode else "prefill"
+            return self.run_program(kind, batch, sampling_batch, flags)
         K = out.num_steps
         slots = np.full((K, S), -1, np.int32)                      # [num_steps, S] slot of each step's token
         for i, sch in enumerate(out.scheduled):
@@ -376,9 +389,17 @@ class ModelRunner:
             prev_rows[:len(out.scheduled)] = [prev_row.get(s.seq.seq_id, -1) for s in out.scheduled]
             mbatch["prev_last"] = prev_last
         else:
-            mbatch["prev_last"] = np.zeros(self.seq_buckets_decode[-1], np.int32)    # [S_max], unused
+            mbatch["prev_last"] = np.zeros(self.fused_rows_max, np.int32)    # [S_max], unused
         mbatch["prev_rows"] = prev_rows
+        if self.det is not None:
+            return self.run_program("det_multi", self.det.fused_inputs(mbatch, len(out.scheduled)), sampling_batch,
+                                    flags, K)
         return self.run_program("multi", mbatch, sampling_batch, flags, K)
+
+    @property
+    def fused_rows_max(self) -> int:
+        """Rows of the largest fused decode call (the size of `last_fused_tokens`)."""
+        return self.det.num_rows if self.det is not None else self.seq_buckets_decode[-1]
 
     def run_program(self, kind: str, batch, sbatch, flags, num_steps: int = 1):
         """Run one compiled step program ("decode" | "prefill" | "multi") on padded inputs, updating the KV pool
@@ -388,7 +409,7 @@ class ModelRunner:
         result, self.kv_caches = fn(self.params, self.kv_caches, batch, sbatch)
         self.host_time_s["launch"] += time.perf_counter() - t0
         self._last_step_t = time.monotonic()
-        if kind == "multi":
+        if kind in ("multi", "det_multi"):
             result, self.last_fused_tokens = result
         return result
 
@@ -406,7 +427,7 @@ class ModelRunner:
         key = (kind, flags, num_steps, self._shape_key(batch), self._shape_key(sbatch))
         fn = self._compiled.get(key)
         if fn is None:
-            rows = np.shape(batch["context_lens"])[0]
+            rows = np.shape(batch["logits_index" if kind == "det" else "context_lens"])[0]
             tokens = np.shape(batch["input_ids"])[0]
             fn, load_s = aot_cache.timed_load(self._aot_store, key)
             if fn is not None:
@@ -421,12 +442,18 @@ class ModelRunner:
                 if kind == "multi":
                     lowered = self._multi_step_fn.lower(self.params, self.kv_caches, batch, sbatch, flags=flags,
                                                         num_steps=num_steps)
+                elif kind == "det":
+                    lowered = self._det_step_fn.lower(self.params, self.kv_caches, batch, sbatch, flags=flags)
+                elif kind == "det_multi":
+                    lowered = self._det_multi_step_fn.lower(self.params, self.kv_caches, batch, sbatch, flags=flags,
+                                                            num_steps=num_steps)
                 else:
                     lowered = self._step_fn.lower(self.params, self.kv_caches, batch, sbatch,
                                                   decode=(kind == "decode"), flags=flags)
             t1 = time.perf_counter()
             hits0 = aot_cache.persistent_cache_hits() if self._aot_store is not None else 0
-            fn = lowered.compile()
+            fn = (lowered.compile(compiler_options=self.det.compiler_options) if kind in deterministic.KINDS
+                  else lowered.compile())
             t2 = time.perf_counter()
             with self._compile_lock:
                 self._compiled[key] = fn
@@ -474,6 +501,10 @@ class ModelRunner:
     # ------------------------------------------------------------------ warm-up
     def warmup_shapes(self) -> list:
         """Every bucket program the engine may run with greedy sampling: (kind, T, S)."""
+        if self.det is not None:
+            rows = self.det.num_rows
+            return [("det", self.det.num_tokens, rows)] + \
+                ([("det_multi", rows, rows)] if self.config.num_decode_steps > 1 else [])
         shapes = [("decode", s, s) for s in self.seq_buckets_decode]
         if self.config.num_decode_steps > 1:
             shapes += [("multi", s, s) for s in self.seq_buckets_decode]
@@ -484,7 +515,7 @@ class ModelRunner:
         """The few programs that let every step run at once: the largest bucket of each kind (any step fits it,
         padded) and the smallest decode buckets and a prompt-sized prefill bucket (single-request latency)."""
         first = []
-        for kind in ("decode", "multi", "prefill"):
+        for kind in ("decode", "multi", "prefill") + deterministic.KINDS:
             mine = [sh for sh in shapes if sh[0] == kind]
             if mine:
                 first += [mine[-1], mine[0]] if kind != "prefill" else \
@@ -495,6 +526,8 @@ class ModelRunner:
         """All-padding inputs of one bucket: slots -1 (nothing written), context 0 (nothing read). kind
         "decode+cascade" / "multi+cascade": with an empty cascade plan."""
         kind, _, variant = kind.partition("+")
+        det_kind = kind if kind in deterministic.KINDS else None
+        kind = {"det": "prefill", "det_multi": "multi"}.get(kind, kind)
         batch = dict(input_ids=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
                      slot_mapping=np.full(T, -1, np.int32), query_start=np.zeros(S + 1, np.int32),
                      context_lens=np.zeros(S, np.int32),
@@ -507,10 +540,14 @@ class ModelRunner:
             batch = dict(input_ids=batch["input_ids"], positions=batch["positions"],
                          context_lens=batch["context_lens"], block_tables=batch["block_tables"],
                          slots=np.full((K, S), -1, np.int32), prev_rows=np.full(S, -1, np.int32),
-                         prev_last=np.zeros(self.seq_buckets_decode[-1], np.int32))
+                         prev_last=np.zeros(self.fused_rows_max, np.int32))
         if variant == "cascade":
             batch["cascade"] = cascade.empty_plan(S, self.max_blocks_per_seq, max_items=cascade.max_items(S),
                                                   members_per_item=cascade.members_per_item(self.cascade_group))
+        if det_kind == "det":
+            batch = self.det.step_inputs(batch, 0)
+        elif det_kind == "det_multi":
+            batch = self.det.fused_inputs(batch, 0)
         return batch, sbatch, flags, K
 
     def _compile_shape(self, shape, trace_lock=None) -> None:

@@ -319,12 +319,20 @@ def filter_mask(x: jax.Array, top_k, top_p, min_p) -> jax.Array:
 
 
 def sample(logits: jax.Array, batch: SamplingBatch, *, flags: SamplingFlags,
-           num_logprobs: Optional[int] = None) -> SampleResult:
+           num_logprobs: Optional[int] = None, fence: bool = False) -> SampleResult:
     """Device side (call inside jit with flags/num_logprobs static). logits: [S, V] float32 raw model output.
 
-    num_logprobs overrides flags.num_logprobs when given (0 = only the sampled token's logprob)."""
+    num_logprobs overrides flags.num_logprobs when given (0 = only the sampled token's logprob).
+    fence=True (the engine's deterministic mode): the row log-normalizer (the only reduction whose result feeds a
+    row's logprobs) is computed behind optimization barriers, so XLA compiles it the same whatever else the flags
+    add to the program (which depend on the other rows); everything else a row gets is exact (argmax, sort, top-k,
+    counts) or already depends on that row's own parameters only."""
     logits = logits.astype(jnp.float32)
     S, V = logits.shape
+    lse = None
+    if fence:
+        lse_in, logits = jax.lax.optimization_barrier((logits, logits))
+        lse, logits = jax.lax.optimization_barrier((jax.nn.logsumexp(lse_in, axis=-1), logits))   # [S]
     n_top = flags.num_logprobs if num_logprobs is None else int(num_logprobs)
     x = logits
     if flags.any_penalties:
@@ -344,7 +352,8 @@ def sample(logits: jax.Array, batch: SamplingBatch, *, flags: SamplingFlags,
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)     # [S, V]
         drawn = jnp.argmax(xt + gumbel, axis=-1).astype(jnp.int32)
         tokens = jnp.where(temp > 0, drawn, greedy)
-    lse = jax.nn.logsumexp(logits, axis=-1)                                            # [S]
+    if lse is None:
+        lse = jax.nn.logsumexp(logits, axis=-1)                                        # [S]
     picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
     sampled_lp = picked - lse
     rank = 1 + jnp.sum(logits > picked[:, None], axis=-1).astype(jnp.int32)
