@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequenc
 import jax
 import numpy as np
 
-from . import distributed, gc_pause, sampling
+from . import distributed, gc_pause, prompt_logprobs, sampling
 from .cache import BlockManager
 from .config import EngineConfig
 from .detokenizer import CONTEXT_TOKENS, IncrementalDetokenizer, decode_token, final_texts
@@ -329,6 +329,10 @@ class LLMEngine:
         t0 = time.perf_counter()
         result = jax.device_get(inflight.result)
         self.host_time_s["wait_device"] += time.perf_counter() - t0
+        if inflight.prompt_logprobs is not None:
+            rows, device_result = inflight.prompt_logprobs
+            prompt_logprobs.record(rows, jax.device_get(device_result),
+                                   lambda t: decode_token(self.tokenizer, t))
         return result
 
     def _dispatch(self, out: SchedulerOutput, prev: Optional["_InFlight"] = None) -> "_InFlight":
@@ -359,7 +363,10 @@ class LLMEngine:
         self.host_time_s["sampling_batch"] += t1 - t0
         self.host_time_s["dispatch"] += t2 - t1
         last = self.runner.last_fused_tokens if out.num_steps > 1 else None
-        return _InFlight(out, result, {s.seq.seq_id: i for i, s in enumerate(rows)}, last)
+        prompt_lp = None
+        if self.runner.last_prompt_logprobs is not None:
+            prompt_lp = (self.runner.last_prompt_rows, self.runner.last_prompt_logprobs)
+        return _InFlight(out, result, {s.seq.seq_id: i for i, s in enumerate(rows)}, last, prompt_lp)
 
     def _step_pipelined(self, timed_out: Iterable[Request] = ()) -> List[RequestOutput]:
         """With a call in flight: schedule and dispatch the next one first, then read back and process the call in
@@ -611,7 +618,7 @@ class LLMEngine:
                    "first_token_time": req.first_token_time, "finished_time": req.finished_time}
         return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
                              outputs=outs, finished=req.finished, num_cached_tokens=req.seqs[0].num_cached_tokens,
-                             metrics=metrics)
+                             metrics=metrics, prompt_logprobs=prompt_logprobs.finished_list(req))
 
     # ------------------------------------------------------------------ stats / warm-up
     def get_stats(self) -> dict:
@@ -677,6 +684,7 @@ class _InFlight(NamedTuple):
     result: "sampling.SampleResult"       # device arrays, possibly not computed yet
     rows: Dict[int, int]                  # seq_id -> its row in the call
     last_tokens: Optional[jax.Array] = None   # a fused call's last tokens [S_max] (device), for the next call
+    prompt_logprobs: Optional[tuple] = None   # (StepRows, device PromptLogprobs) of a step computing prompt tokens
 
 
 class _StepView:
