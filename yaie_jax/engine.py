@@ -9,6 +9,7 @@ from __future__ import annotations
 import array
 import collections
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import operator
@@ -117,13 +118,19 @@ class LLMEngine:
             config = EngineConfig(**engine_args)
         elif engine_args:
             raise ValueError("pass either an EngineConfig or engine arguments, not both")
-        self.config = config
         setup_compile_cache(config.compile_cache_dir)
         distributed.initialize_for(config)     # multi-host: jax.distributed before any device use
 
+        from .models.dtype_policy import resolve_dtype
         from .models.loader import load_model
         from .tokenizer import load_tokenizer
         source = resolve_model_source(config.model)
+        self.requested_dtype = config.dtype
+        dtype, why = resolve_dtype(config.dtype, config.model)
+        if dtype != config.dtype:
+            config = dataclasses.replace(config, dtype=dtype)
+        logger.info("dtype %s (%s: %s)", dtype, self.requested_dtype, why)
+        self.config = config
         self.model_source = source
         # the tokenizer loads in a thread while the weights load and go to the device (its imports take
         # seconds of a server start-up; the weights' reads and copies mostly run without the GIL)
@@ -629,6 +636,7 @@ class LLMEngine:
                          + self.block_manager.num_evictable_gpu_blocks)
         stats["kv_cache_usage"] = 1.0 - stats["kv_blocks_free"] / max(1, stats["kv_blocks_total"])
         stats["num_steps"] = self._step_counter
+        stats["dtype"] = self.config.dtype                 # resolved (`requested_dtype` may be "auto")
         stats["num_pipelined_calls"] = self._num_pipelined_calls
         stats["num_pipelined_prefill_calls"] = self._num_pipelined_prefill_calls
         stats["host_time_s"] = dict(self.host_time_s)
