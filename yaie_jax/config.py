@@ -12,7 +12,7 @@ from typing import Optional
 SCHEDULING_POLICIES = ("fcfs", "priority", "fair", "latency")
 PREEMPTION_MODES = ("swap", "recompute")
 ATTENTION_BACKENDS = ("auto", "xla", "pallas")
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = ("auto", "bfloat16", "float16", "float32")   # auto: yaie_jax/models/dtype_policy.py
 
 
 def default_compile_cache_dir() -> str:
@@ -24,7 +24,8 @@ class EngineConfig:
     model: Optional[str] = None                 # hub id, directory, .gguf file or orbax dir; None = embedded default
     tokenizer: Optional[str] = None             # defaults to `model`
     skip_tokenizer_init: bool = False           # no tokenizer: prompts are token ids, outputs token ids (text "")
-    dtype: str = "bfloat16"
+    dtype: str = "auto"                         # auto: float32 on CPU and for the embedded model, else the
+                                                # checkpoint's 16-bit dtype (models/dtype_policy.py)
     seed: int = 0
     max_model_len: Optional[int] = None         # default: the model's max positions
     block_size: int = 16

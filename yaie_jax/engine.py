@@ -9,6 +9,7 @@ from __future__ import annotations
 import array
 import collections
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import operator
@@ -19,7 +20,7 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequenc
 import jax
 import numpy as np
 
-from . import distributed, gc_pause, sampling
+from . import distributed, gc_pause, prompt_logprobs, sampling
 from .cache import BlockManager
 from .config import EngineConfig
 from .detokenizer import CONTEXT_TOKENS, IncrementalDetokenizer, decode_token, final_texts
@@ -118,13 +119,19 @@ class LLMEngine:
             config = EngineConfig(**engine_args)
         elif engine_args:
             raise ValueError("pass either an EngineConfig or engine arguments, not both")
-        self.config = config
         setup_compile_cache(config.compile_cache_dir)
         distributed.initialize_for(config)     # multi-host: jax.distributed before any device use
 
+        from .models.dtype_policy import resolve_dtype
         from .models.loader import load_model
         from .tokenizer import load_tokenizer
         source = resolve_model_source(config.model)
+        self.requested_dtype = config.dtype
+        dtype, why = resolve_dtype(config.dtype, config.model)
+        if dtype != config.dtype:
+            config = dataclasses.replace(config, dtype=dtype)
+        logger.info("dtype %s (%s: %s)", dtype, self.requested_dtype, why)
+        self.config = config
         self.model_source = source
         # the tokenizer loads in a thread while the weights load and go to the device (its imports take
         # seconds of a server start-up; the weights' reads and copies mostly run without the GIL)
@@ -365,6 +372,10 @@ class LLMEngine:
         t0 = time.perf_counter()
         result = jax.device_get(inflight.result)
         self.host_time_s["wait_device"] += time.perf_counter() - t0
+        if inflight.prompt_logprobs is not None:
+            rows, device_result = inflight.prompt_logprobs
+            prompt_logprobs.record(rows, jax.device_get(device_result),
+                                   lambda t: decode_token(self.tokenizer, t))
         return result
 
     def _dispatch(self, out: SchedulerOutput, prev: Optional["_InFlight"] = None) -> "_InFlight":
@@ -395,7 +406,10 @@ class LLMEngine:
         self.host_time_s["sampling_batch"] += t1 - t0
         self.host_time_s["dispatch"] += t2 - t1
         last = self.runner.last_fused_tokens if out.num_steps > 1 else None
-        return _InFlight(out, result, {s.seq.seq_id: i for i, s in enumerate(rows)}, last)
+        prompt_lp = None
+        if self.runner.last_prompt_logprobs is not None:
+            prompt_lp = (self.runner.last_prompt_rows, self.runner.last_prompt_logprobs)
+        return _InFlight(out, result, {s.seq.seq_id: i for i, s in enumerate(rows)}, last, prompt_lp)
 
     def _step_pipelined(self, timed_out: Iterable[Request] = ()) -> List[RequestOutput]:
         """With a call in flight: schedule and dispatch the next one first, then read back and process the call in
@@ -652,7 +666,7 @@ class LLMEngine:
                    "first_token_time": req.first_token_time, "finished_time": req.finished_time}
         return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
                              outputs=outs, finished=req.finished, num_cached_tokens=req.seqs[0].num_cached_tokens,
-                             metrics=metrics)
+                             metrics=metrics, prompt_logprobs=prompt_logprobs.finished_list(req))
 
     # ------------------------------------------------------------------ stats / warm-up
     def get_stats(self) -> dict:
@@ -663,6 +677,7 @@ class LLMEngine:
                          + self.block_manager.num_evictable_gpu_blocks)
         stats["kv_cache_usage"] = 1.0 - stats["kv_blocks_free"] / max(1, stats["kv_blocks_total"])
         stats["num_steps"] = self._step_counter
+        stats["dtype"] = self.config.dtype                 # resolved (`requested_dtype` may be "auto")
         stats["num_pipelined_calls"] = self._num_pipelined_calls
         stats["num_pipelined_prefill_calls"] = self._num_pipelined_prefill_calls
         stats["host_time_s"] = dict(self.host_time_s)
@@ -718,6 +733,7 @@ class _InFlight(NamedTuple):
     result: "sampling.SampleResult"       # device arrays, possibly not computed yet
     rows: Dict[int, int]                  # seq_id -> its row in the call
     last_tokens: Optional[jax.Array] = None   # a fused call's last tokens [S_max] (device), for the next call
+    prompt_logprobs: Optional[tuple] = None   # (StepRows, device PromptLogprobs) of a step computing prompt tokens
 
 
 class _StepView:

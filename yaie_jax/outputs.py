@@ -15,6 +15,8 @@ class Logprob:
 
 # For each generated token: {token_id: Logprob} holding the sampled token and the top-k alternatives.
 SampleLogprobs = List[Dict[int, Logprob]]
+# For each prompt token: the same, for the prompt token given the ones before it; entry 0 is None.
+PromptLogprobs = List[Optional[Dict[int, Logprob]]]
 
 
 @dataclasses.dataclass
@@ -40,3 +42,4 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0              # prompt tokens served from the prefix cache
     metrics: Optional[dict] = None          # arrival/first-token/finish times (s, time.monotonic)
+    prompt_logprobs: Optional[PromptLogprobs] = None   # SamplingParams.prompt_logprobs (None: not asked for)

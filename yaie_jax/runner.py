@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import sampling
+from . import prompt_logprobs, sampling
 from .attention import make_paged_attention
 from . import aot_cache
 from . import cascade
@@ -112,6 +112,10 @@ class ModelRunner:
         # a fused decode call's last sampled tokens, padded to the largest decode bucket: the next fused call (sent
         # before these are read back) takes its input tokens from them on the device; see `_multi_step_impl`
         self.last_fused_tokens = None
+        # the last step's prompt logprobs (device PromptLogprobs) and which prompt tokens they are (StepRows), or
+        # None: read by the engine right after `dispatch` (yaie_jax/prompt_logprobs.py)
+        self.last_prompt_logprobs = None
+        self.last_prompt_rows = None
         self.compile_log: List[tuple] = []  # one entry per compiled program (see `compiled`)
         self._compiled: dict = {}        # (kind, flags, num_steps, input shapes) -> compiled executable
         self._compile_lock = threading.Lock()
@@ -196,6 +200,9 @@ class ModelRunner:
         rows = hidden[batch["logits_index"]]                       # [S, hidden]
         logits = self.model.apply_logits(params, rows)             # [S, vocab] float32
         result = sampling.sample(logits, sbatch, flags=flags)
+        if "prompt_index" in batch:                                # prompt logprobs (yaie_jax/prompt_logprobs.py)
+            prompt_logits = self.model.apply_logits(params, hidden[batch["prompt_index"]])   # [P, vocab] float32
+            result = (result, prompt_logprobs.compute(prompt_logits, batch["prompt_target"]))
         return result, kv_caches
 
     def _multi_step_impl(self, params, kv_caches, batch, sbatch, *, flags, num_steps: int):
@@ -308,6 +315,12 @@ class ModelRunner:
         batch = dict(input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
                      query_start=query_start, context_lens=context_lens, block_tables=block_tables,
                      logits_index=logits_index)
+        self.last_prompt_rows = None
+        if out.num_steps == 1:
+            index, target, rows = prompt_logprobs.rows_of_step(sched, query_start)
+            if len(index):
+                batch["prompt_index"], batch["prompt_target"] = prompt_logprobs.padded(index, target)  # [P]
+                self.last_prompt_rows = rows
         if decode:
             plan = self.cascade_plan("multi" if out.num_steps > 1 else "decode", block_tables, context_lens,
                                      num_seqs)
@@ -409,8 +422,11 @@ class ModelRunner:
         result, self.kv_caches = fn(self.params, self.kv_caches, batch, sbatch)
         self.host_time_s["launch"] += time.perf_counter() - t0
         self._last_step_t = time.monotonic()
+        self.last_prompt_logprobs = None
         if kind in ("multi", "det_multi"):
             result, self.last_fused_tokens = result
+        elif "prompt_index" in batch:
+            result, self.last_prompt_logprobs = result
         return result
 
     # ------------------------------------------------------------------ compiled programs

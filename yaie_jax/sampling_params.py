@@ -30,6 +30,7 @@ class SamplingParams:
     stop_token_ids: Optional[Sequence[int]] = None
     ignore_eos: bool = False
     logprobs: Optional[int] = None    # top-k logprobs per generated token (0 = only the sampled token's)
+    prompt_logprobs: Optional[int] = None  # top-k logprobs per prompt token (0 = only the prompt token's)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
@@ -70,6 +71,9 @@ class SamplingParams:
             bad("min_tokens", "must be <= max_tokens")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             bad("logprobs", "must be an integer in [0, 20]")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            bad("prompt_logprobs", "must be an integer in [0, 20]")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", "must be an integer")
         if any((not isinstance(s, str)) or s == "" for s in self.stop):

@@ -285,7 +285,8 @@ class Scheduler:
                 n_total = seq.num_uncomputed_tokens  # before prefix matching
                 if not chunked and n_total > budget:
                     break
-                cached = self.bm.add_sequence(seq.seq_id, seq.token_ids)
+                # prompt logprobs need every prompt token's logits: no prefix-cache reuse (vLLM does the same)
+                cached = self.bm.add_sequence(seq.seq_id, seq.token_ids, match=not seq.wants_prompt_logprobs)
                 seq.num_computed_tokens = cached
                 if seq.index == 0 and seq.num_output_tokens == 0:
                     seq.num_cached_tokens = cached

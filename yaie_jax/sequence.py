@@ -63,6 +63,13 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
 
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Its request asked for prompt logprobs and some are not computed yet (only sample 0 computes them)."""
+        req = self.request
+        return req.params.prompt_logprobs is not None and self.index == 0 and \
+            len(req.prompt_logprobs) < len(req.prompt_token_ids)
+
     def is_finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
 
@@ -91,6 +98,7 @@ class Request:
         self.first_token_time: Optional[float] = None
         self.finished_time: Optional[float] = None
         self.forked = params.n == 1                 # children created (trivially true for n == 1)
+        self.prompt_logprobs: list = []             # entry j: {token: Logprob} of prompt token j (0: None)
 
     @property
     def finished(self) -> bool:

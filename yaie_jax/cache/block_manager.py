@@ -105,16 +105,16 @@ class BlockManager:
                 raise AssertionError("evictable count was wrong")
 
     # ------------------------------------------------------------------ admission
-    def add_sequence(self, seq_id, token_ids: Sequence[int]) -> int:
+    def add_sequence(self, seq_id, token_ids: Sequence[int], match: bool = True) -> int:
         """Register `seq_id` and reuse the longest cached block-aligned prefix of `token_ids[:-1]` (the last
-        token is always left to compute, for its logits). Takes a reference on each reused block (locking it
+        token is always left to compute, for its logits); `match=False` reuses nothing. Takes a reference on each reused block (locking it
         against eviction); allocates nothing. Counts `len(token_ids)` queried and the reused tokens hit.
         Returns num_cached_tokens, a multiple of block_size; `num_tokens(seq_id)` starts there.
         Never fails for lack of space; ValueError if `seq_id` exists."""
         if seq_id in self.seqs:
             raise ValueError(f"sequence {seq_id!r} already exists")
         blocks: List[int] = []
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and match:
             self.queried_tokens += len(token_ids)
             if len(token_ids) > self.block_size:
                 blocks = self.tree.match(token_ids, len(token_ids) - 1)
