@@ -23,7 +23,8 @@ import quality_common as qc  # noqa: E402
 
 def measure(model_path: str, dtype: str, backend: str, num_prompts: int, max_tokens: int, batched_tokens: int,
             hf_device: str = "cpu", hf_base=None, llm=None) -> dict:
-    """Run the engine's paths and compare them with HF (fp32 and `dtype`); returns the JSON-able result."""
+    """Run the engine's paths and compare them with HF (fp32 and `dtype`); returns the JSON-able result (with the
+    batched greedy run's token ids under "answers")."""
     from yaie_jax import LLM
     tok = qc.hf_tokenizer(model_path)
     prompts = [qc.chat_ids(tok, p) for p in qc.PROMPTS[:num_prompts]]
@@ -32,8 +33,9 @@ def measure(model_path: str, dtype: str, backend: str, num_prompts: int, max_tok
     if llm is None:
         llm = LLM(model_path, **qc.engine_args(dtype, backend))
     records = qc.run_paths(llm, prompts, text_ids, max_tokens=max_tokens)
+    answers = []
     if batched_tokens:
-        qc.run_greedy(llm, [qc.chat_ids(tok, p) for p in qc.PROMPTS], batched_tokens, records)
+        answers = qc.run_greedy(llm, [qc.chat_ids(tok, p) for p in qc.PROMPTS], batched_tokens, records)
     engine_s = time.perf_counter() - t0
     hf32 = hf_base if hf_base is not None else qc.hf_model(model_path, "float32", device=hf_device)
     models = {"float32": hf32}
@@ -44,7 +46,8 @@ def measure(model_path: str, dtype: str, backend: str, num_prompts: int, max_tok
     ppl = qc.perplexity_of(records, refs, list(models))
     return {"env": qc.environment(), "model": os.path.basename(model_path), "dtype": dtype,
             "backend": llm.engine.runner.attention_backend, "prompts": num_prompts, "max_tokens": max_tokens,
-            "batched_greedy_tokens": batched_tokens, "engine_s": engine_s, "paths": stats, "perplexity": ppl}
+            "batched_greedy_tokens": batched_tokens, "engine_s": engine_s, "paths": stats, "perplexity": ppl,
+            "answers": answers}
 
 
 def main(argv=None) -> int:
@@ -71,6 +74,10 @@ def main(argv=None) -> int:
           f"engine runs {res['engine_s']:.1f} s")
     print("max/mean: |logprob - HF fp32| over each position's top-20 tokens; top1: argmax equals HF fp32's")
     print(qc.format_table(res["paths"]))
+    res["failures"] = qc.path_failures(res["paths"], args.dtype)
+    print("within the quality suite's marks" if not res["failures"]
+          else "outside the marks: " + "; ".join(res["failures"]))
+    res.pop("answers")
     print("perplexity of the text (chunked prefill):", {k: round(v, 4) for k, v in res["perplexity"].items()})
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"numerics_{args.dtype}_{res['backend']}_{env['platform']}.json")

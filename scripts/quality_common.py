@@ -25,6 +25,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT_PATH = os.path.join(ROOT, "tests", "quality", "data", "gettysburg.txt")
 BUDGET = 128           # max_num_batched_tokens of the measuring engine: the text is chunked, chat prompts are not
 TOPK = 20
+GREEDY_TOKENS = 24     # greedy tokens per chat prompt in the quality suite (answers usually end with EOS before)
+
+# Pass marks shared by tests/quality and scripts/quality_suite.py (measurements: bench/NOTES.md §17)
+FP32_TOL = 2e-3          # fp32 engine: max |logprob - HF fp32| (what differs is only the summation order)
+MARGIN = 1.25            # 16-bit engine: our mean error at most this times HF's own in that dtype
+MAX_MARGIN = 1.5         # ... and our max error (one position decides it; Pallas bf16 prefill: 1.24x, NOTES §17)
+TOP1_SLACK = 0.02        # ... and top-1 agreement with HF fp32 at most this below HF's in that dtype
+MIN_POSITIONS = 30       # a path with fewer positions is judged against HF's error pooled over the whole run
+PPL_TOL = {"float32": 0.005, "bfloat16": 0.02, "float16": 0.02}   # |ppl / HF fp32 ppl - 1|
+BF16_EXACT_FLOOR = 0.75  # 16-bit greedy answers equal to HF fp32's (fraction of prompts; CPU bf16: 20/24)
+BF16_PREFIX_FLOOR = 0.80  # mean common prefix with HF fp32's answer (fraction of its length; CPU bf16: 0.866)
 
 PROMPTS = [
     "What is the capital of France?",
@@ -126,14 +137,20 @@ def hf_greedy(model, prompt_ids: List[int], max_new: int, eos_ids: List[int]) ->
 def engine_args(dtype: str, backend: str, **overrides) -> dict:
     """The measuring engine: chat prompts fit one step, the text does not (chunked); a small KV pool."""
     args = dict(dtype=dtype, attention_backend=backend, max_num_batched_tokens=BUDGET, max_model_len=640,
-                max_num_seqs=32 if backend == "xla" else 1, num_gpu_blocks=400, enable_prefix_caching=True)
+                max_num_seqs=1 if backend == "pallas" and _on_cpu() else 32, num_gpu_blocks=400,
+                enable_prefix_caching=True)
     args.update(overrides)
     return args
 
 
-def _record(path: str, ids: List[int], rows: list, cached_tokens: int = 0) -> dict:
+def _on_cpu() -> bool:
+    import jax
+    return jax.default_backend() == "cpu"      # Pallas runs in interpret mode there: one row at a time
+
+
+def _record(path: str, ids: List[int], rows: list) -> dict:
     """rows: (position, {token: logprob}) where the position's logits predict ids[position + 1]."""
-    return {"path": path, "ids": list(ids), "rows": rows, "cached_tokens": cached_tokens}
+    return {"path": path, "ids": list(ids), "rows": rows}
 
 
 def _gen_rows(prompt_ids, completion, first_path: str, records: list, rest_path: str = "decode"):
@@ -161,7 +178,8 @@ def run_greedy(llm, prompt_ids: List[List[int]], max_tokens: int, records: Optio
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def run_paths(llm, prompt_ids: List[List[int]], text_ids: Optional[List[int]], max_tokens: int = 4) -> list:
+def run_paths(llm, prompt_ids: List[List[int]], text_ids: Optional[List[int]], max_tokens: int = 4,
+              cached: bool = True) -> list:
     """The per-path records (module docstring): each prompt alone with prompt logprobs (prefill; the cache is not
     read), then alone again without (cached: its blocks were cached by the first), and the text (chunked)."""
     from yaie_jax import SamplingParams
@@ -173,12 +191,13 @@ def run_paths(llm, prompt_ids: List[List[int]], text_ids: Optional[List[int]], m
         c = o.outputs[0]
         records.append(_record("prefill", list(p) + list(c.token_ids), rows))
         _gen_rows(p, c, "prefill", records)
+        if not cached:
+            continue
         o = llm.generate([p], SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=TOPK),
                          use_tqdm=False)[0]
         if o.num_cached_tokens == 0:
             raise AssertionError("the re-sent prompt did not hit the prefix cache")
         _gen_rows(p, o.outputs[0], "cached", records)
-        records[-1 if len(o.outputs[0].token_ids) == 1 else -2]["cached_tokens"] = o.num_cached_tokens
     if text_ids is not None:
         if len(text_ids) <= BUDGET and llm.engine.config.max_num_batched_tokens >= len(text_ids):
             raise ValueError("the text must be longer than the step budget to be chunked")
@@ -207,21 +226,24 @@ class References:
 
 def compare(records: list, refs: References, hf_dtype: Optional[str]) -> Dict[str, dict]:
     """Per path: positions, our max/mean |logprob - HF fp32| over each row's tokens, our top-1 agreement with HF
-    fp32, and the same for HF in `hf_dtype` on the same positions and tokens (None: fp32 engine, no bar)."""
+    fp32, and the same for HF in `hf_dtype` on the same positions and tokens (None: fp32 engine, no bar); "all":
+    every position of every path."""
     acc: Dict[str, dict] = {}
     for rec in records:
         ref = refs.get("float32", rec["ids"])
         other = refs.get(hf_dtype, rec["ids"]) if hf_dtype else None
-        a = acc.setdefault(rec["path"], {"ours": [], "hf": [], "ours_top1": [], "hf_top1": []})
+        buckets = [acc.setdefault(k, {"ours": [], "hf": [], "ours_top1": [], "hf_top1": []})
+                   for k in (rec["path"], "all")]
         for pos, entry in rec["rows"]:
             toks = np.fromiter(entry.keys(), np.int64)
             lps = np.fromiter(entry.values(), np.float64)
             best = int(np.argmax(ref[pos]))
-            a["ours"].append(float(np.abs(lps - ref[pos, toks]).max()))
-            a["ours_top1"].append(int(toks[np.argmax(lps)]) == best)
-            if other is not None:
-                a["hf"].append(float(np.abs(other[pos, toks] - ref[pos, toks]).max()))
-                a["hf_top1"].append(int(np.argmax(other[pos])) == best)
+            for a in buckets:
+                a["ours"].append(float(np.abs(lps - ref[pos, toks]).max()))
+                a["ours_top1"].append(int(toks[np.argmax(lps)]) == best)
+                if other is not None:
+                    a["hf"].append(float(np.abs(other[pos, toks] - ref[pos, toks]).max()))
+                    a["hf_top1"].append(int(np.argmax(other[pos])) == best)
     out = {}
     for path, a in acc.items():
         s = {"positions": len(a["ours"]), "ours_max": max(a["ours"]), "ours_mean": float(np.mean(a["ours"])),
@@ -237,7 +259,7 @@ def perplexity_of(records: list, refs: References, dtypes: List[str]) -> Dict[st
     rec = next(r for r in records if r["path"] == "chunked")
     ids = rec["ids"]
     ours = [entry[ids[pos + 1]] for pos, entry in rec["rows"]]
-    out = {"tokens": len(ids) - 1, "ours": float(np.exp(-np.mean(ours)))}
+    out = {"tokens": len(rec["rows"]), "ours": float(np.exp(-np.mean(ours)))}
     for dt in dtypes:
         ref = refs.get(dt, ids)
         out["hf_" + dt] = float(np.exp(-np.mean([ref[pos, ids[pos + 1]] for pos, _ in rec["rows"]])))
@@ -253,6 +275,26 @@ def greedy_agreement(ours: List[List[int]], refs: List[List[int]]) -> dict:
         prefix.append(k / max(1, len(b)))
     return {"prompts": len(refs), "exact": exact, "exact_frac": exact / max(1, len(refs)),
             "mean_prefix_frac": float(np.mean(prefix))}
+
+
+def path_failures(stats: Dict[str, dict], dtype: str) -> List[str]:
+    """The pass marks above applied to `compare`'s output: a list of failures (empty = pass)."""
+    bad = []
+    pooled = stats["all"]
+    for path, p in stats.items():
+        if dtype == "float32":
+            if p["ours_max"] > FP32_TOL:
+                bad.append(f"{path}: max error {p['ours_max']:.2e} > {FP32_TOL}")
+            continue
+        bar = p if p["positions"] >= MIN_POSITIONS else pooled
+        if p["ours_max"] > MAX_MARGIN * max(p["hf_max"], pooled["hf_max"]):
+            bad.append(f"{path}: max error {p['ours_max']:.4f} > {MAX_MARGIN} x HF {dtype}'s "
+                       f"{max(p['hf_max'], pooled['hf_max']):.4f}")
+        if p["ours_mean"] > MARGIN * bar["hf_mean"]:
+            bad.append(f"{path}: mean error {p['ours_mean']:.5f} > {MARGIN} x HF {dtype}'s {bar['hf_mean']:.5f}")
+        if p["positions"] >= MIN_POSITIONS and p["ours_top1"] < bar["hf_top1"] - TOP1_SLACK:
+            bad.append(f"{path}: top-1 {p['ours_top1']:.3f} < HF {dtype}'s {bar['hf_top1']:.3f} - {TOP1_SLACK}")
+    return bad
 
 
 def format_table(stats: Dict[str, dict]) -> str:

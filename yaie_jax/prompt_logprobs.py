@@ -58,8 +58,8 @@ def rows_of_step(scheduled: Seq, query_start: np.ndarray) -> Tuple[np.ndarray, n
     index, target, reqs, positions = [], [], [], []
     for i, s in enumerate(scheduled):
         seq = s.seq
-        if s.num_new_tokens == 0 or not seq.wants_prompt_logprobs:
-            continue
+        if seq.request.params.prompt_logprobs is None or s.num_new_tokens == 0 or not seq.wants_prompt_logprobs:
+            continue                                               # the first test is the per-row cost of a step
         req = seq.request
         start = seq.num_computed_tokens
         n_prompt = len(req.prompt_token_ids)
