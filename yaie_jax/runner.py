@@ -1,8 +1,9 @@
 """ModelRunner: scheduler output (host numpy) -> padded device arrays -> one jitted step -> sampled token ids.
 
 The only place that turns host data into device arrays. Owns the device KV pool (one `(k_pages, v_pages)` pair
-per layer, each `[num_kv_heads, num_blocks, block_size, head_dim]`), donated to every step so XLA updates it in
-place, and the host swap pool.
+per layer, each `[num_kv_heads, num_blocks, block_size, head_dim]`; on the CPU a 16-bit float pool holds the
+values' uint16 bit patterns, see `attention.kv_storage_dtype`), donated to every step so XLA updates it in place,
+and the host swap pool (same storage dtype).
 
 Shapes are padded to buckets so XLA compiles a bounded set of programs:
   decode step   (every sequence has exactly one new token): S padded to a power of two (>= 8)
@@ -28,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import sampling
-from .attention import make_paged_attention
+from .attention import kv_storage_dtype, make_paged_attention
 from . import aot_cache
 from . import cascade
 from .config import EngineConfig
@@ -77,6 +78,9 @@ class ModelRunner:
         self.mesh = mesh
         self.kv_sharding = kv_sharding
         self.attention_backend = resolve_attention_backend(config.attention_backend)
+        # the pool's arrays: `dtype` values, or their uint16 bit patterns on the CPU (see `kv_storage_dtype`)
+        self.kv_storage_dtype = kv_storage_dtype(self.dtype, self.attention_backend)
+        self._kv_view = None if self.kv_storage_dtype == jnp.dtype(self.dtype) else self.dtype
 
         # Buckets (see module docstring).
         # decode batches below 8 rows cost the same as 8 on a GPU: one bucket for them (fewer compiles)
@@ -99,7 +103,7 @@ class ModelRunner:
         if config.num_cpu_blocks > 0:
             # [layers, 2 (k/v), num_kv_heads, num_cpu_blocks, block_size, head_dim] host swap pool
             self.host_kv = np.zeros((self.mc.num_layers, 2, self.mc.num_kv_heads, config.num_cpu_blocks,
-                                     self.block_size, self.mc.head_dim), dtype=np.dtype(self.dtype))
+                                     self.block_size, self.mc.head_dim), dtype=np.dtype(self.kv_storage_dtype))
         self._rng_seed = config.seed
         self._step_fn = jax.jit(self._step_impl, donate_argnums=(1,),
                                 static_argnames=("decode", "flags"))
@@ -172,8 +176,8 @@ class ModelRunner:
 
         def zeros():
             if self.kv_sharding is not None:
-                return jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=self.kv_sharding)()
-            return jnp.zeros(shape, self.dtype)
+                return jax.jit(lambda: jnp.zeros(shape, self.kv_storage_dtype), out_shardings=self.kv_sharding)()
+            return jnp.zeros(shape, self.kv_storage_dtype)         # bits 0 = +0.0 in either storage
 
         # [num_kv_heads, num_blocks, block_size, head_dim] per layer, K and V
         return [(zeros(), zeros()) for _ in range(self.mc.num_layers)]
@@ -183,7 +187,7 @@ class ModelRunner:
         attention = make_paged_attention(
             self.attention_backend, decode=decode, slot_mapping=batch["slot_mapping"],
             query_start=batch["query_start"], context_lens=batch["context_lens"],
-            block_tables=batch["block_tables"], mesh=self.mesh, cascade=batch.get("cascade"))
+            block_tables=batch["block_tables"], mesh=self.mesh, cascade=batch.get("cascade"), kv_dtype=self._kv_view)
         hidden, kv_caches = self.model.apply_hidden(params, batch["input_ids"], batch["positions"],
                                                     attention, kv_caches)
         rows = hidden[batch["logits_index"]]                       # [S, hidden]
@@ -211,7 +215,8 @@ class ModelRunner:
                 self.attention_backend, decode=True, slot_mapping=batch["slots"][j],
                 query_start=jnp.arange(S + 1, dtype=jnp.int32),
                 context_lens=jnp.where(live, batch["context_lens"] + j, 0),
-                block_tables=batch["block_tables"], mesh=self.mesh, cascade=batch.get("cascade"))
+                block_tables=batch["block_tables"], mesh=self.mesh, cascade=batch.get("cascade"),
+                kv_dtype=self._kv_view)
             hidden, kv = self.model.apply_hidden(params, tokens, batch["positions"] + j, attention, kv)
             logits = self.model.apply_logits(params, hidden)               # [S, vocab] float32
             step_batch = jax.tree_util.tree_map(lambda a: a[j], sbatch)     # this step's rows (keys, ...)
