@@ -32,8 +32,11 @@ from . import sampling
 from .attention import kv_storage_dtype, make_paged_attention
 from . import aot_cache
 from . import cascade
+from .compile_tracker import CompileTracker
 from .config import EngineConfig
+from .cpu_programs import CpuProgramPlan
 from .models.base import CausalLM
+from .sampling_superset import describe
 from .scheduler import SchedulerOutput
 
 logger = logging.getLogger("yaie_jax.runner")
@@ -142,6 +145,11 @@ class ModelRunner:
         self.num_first_runs = 0
         # compiled programs of earlier processes with the same fingerprint (None: off, see aot_cache.for_runner)
         self._aot_store = aot_cache.ExecutableStore.for_runner(self)
+        self.compile_tracker = CompileTracker()   # the compiles under way (one per program at a time; /health)
+        # CPU with warm-up on: what compiles when, greedy/superset programs per bucket (cpu_programs.py); not with
+        # several processes (each must run the same programs: the choice depends on what compiled when)
+        self.cpu_plan = CpuProgramPlan(self) if (jax.default_backend() == "cpu" and config.warmup
+                                                 and jax.process_count() == 1) else None
 
     # ------------------------------------------------------------------ memory
     def kv_bytes_per_block(self) -> int:
@@ -388,7 +396,9 @@ class ModelRunner:
     def run_program(self, kind: str, batch, sbatch, flags, num_steps: int = 1):
         """Run one compiled step program ("decode" | "prefill" | "multi") on padded inputs, updating the KV pool
         in place (donated). The one place the engine's steps reach the device. Returns device arrays."""
-        fn = self.compiled(kind, batch, sbatch, flags, num_steps)
+        if self.cpu_plan is not None and num_steps == 1:
+            sbatch, flags = self.cpu_plan.choose(kind, batch, sbatch, flags)
+        fn = self.compiled(kind, batch, sbatch, flags, num_steps, reason="a step needs it now (the engine waits)")
         t0 = time.perf_counter()
         result, self.kv_caches = fn(self.params, self.kv_caches, batch, sbatch)
         self.host_time_s["launch"] += time.perf_counter() - t0
@@ -404,44 +414,87 @@ class ModelRunner:
         return (str(treedef),) + tuple((tuple(np.shape(x)), str(np.asarray(x).dtype) if not hasattr(x, "dtype")
                                          else str(x.dtype)) for x in leaves)
 
-    def compiled(self, kind: str, batch, sbatch, flags, num_steps: int = 1, trace_lock=None):
+    def program_key(self, kind: str, batch, sbatch, flags, num_steps: int = 1) -> tuple:
+        return (kind, flags, num_steps, self._shape_key(batch), self._shape_key(sbatch))
+
+    def is_compiled(self, kind: str, batch, sbatch, flags, num_steps: int = 1) -> bool:
+        return self.program_key(kind, batch, sbatch, flags, num_steps) in self._compiled
+
+    def compiled(self, kind: str, batch, sbatch, flags, num_steps: int = 1, trace_lock=None,
+                 reason: str = "first use") -> "jax.stages.Compiled":
         """The compiled program for these input shapes (ahead-of-time: lower + compile once, then reuse). With
         the compiled-program store (yaie_jax/aot_cache.py) a program compiled by an earlier process with the same
-        fingerprint is loaded instead (no tracing, lowering or XLA compile), and new ones are saved to it."""
-        key = (kind, flags, num_steps, self._shape_key(batch), self._shape_key(sbatch))
+        fingerprint is loaded instead (no tracing, lowering or XLA compile), and new ones are saved to it. A
+        program another thread is compiling is waited for, not compiled twice; `reason` (why it is needed) goes
+        to the log and to `compile_tracker` (/health) while it compiles."""
+        key = self.program_key(kind, batch, sbatch, flags, num_steps)
         fn = self._compiled.get(key)
-        if fn is None:
-            rows = np.shape(batch["context_lens"])[0]
-            tokens = np.shape(batch["input_ids"])[0]
-            fn, load_s = aot_cache.timed_load(self._aot_store, key)
-            if fn is not None:
-                logger.info("loaded %s S=%d T=%d steps=%d from the compiled-program store in %.2f s", kind, rows,
-                            tokens, num_steps, load_s)
-                with self._compile_lock:
-                    self._compiled[key] = fn
-                    self.compile_log.append((kind, rows, tokens, num_steps, 0.0, load_s))
-                return fn
-            t0 = time.perf_counter()
-            with trace_lock or contextlib.nullcontext():     # background: one thread holds the GIL tracing
-                if kind == "multi":
-                    lowered = self._multi_step_fn.lower(self.params, self.kv_caches, batch, sbatch, flags=flags,
-                                                        num_steps=num_steps)
-                else:
-                    lowered = self._step_fn.lower(self.params, self.kv_caches, batch, sbatch,
-                                                  decode=(kind == "decode"), flags=flags)
-            t1 = time.perf_counter()
-            hits0 = aot_cache.persistent_cache_hits() if self._aot_store is not None else 0
-            fn = lowered.compile()
-            t2 = time.perf_counter()
+        while fn is None:
+            rows, tokens = np.shape(batch["context_lens"])[0], np.shape(batch["input_ids"])[0]
+            program = f"{kind} S={rows} T={tokens}" + (f" steps={num_steps}" if num_steps > 1 else "")
+            info = {"program": program, "sampling": describe(flags), "reason": reason}
+            other = self.compile_tracker.begin(key, info)
+            if other is not None:           # under way in another thread: its result (or, if it failed, ours)
+                logger.info("%s (%s sampling) is needed (%s): waiting for its compile under way", program,
+                            info["sampling"], reason)
+                other.wait()
+                fn = self._compiled.get(key)
+                continue
+            try:
+                fn = self._compile_program(key, kind, batch, sbatch, flags, num_steps, trace_lock, info)
+            finally:
+                self.compile_tracker.end(key)
+        return fn
+
+    def _compile_program(self, key, kind, batch, sbatch, flags, num_steps, trace_lock, info):
+        rows, tokens = np.shape(batch["context_lens"])[0], np.shape(batch["input_ids"])[0]
+        fn, load_s = aot_cache.timed_load(self._aot_store, key)
+        if fn is not None:
+            logger.info("loaded %s S=%d T=%d steps=%d from the compiled-program store in %.2f s", kind, rows,
+                        tokens, num_steps, load_s)
             with self._compile_lock:
                 self._compiled[key] = fn
-                # (kind, S, T, steps, trace+lower s, compile s); a compile of ~0.1 s is a persistent-cache hit
-                self.compile_log.append((kind, rows, tokens, num_steps, t1 - t0, t2 - t1))
-            logger.info("compiled %s S=%d T=%d steps=%d: trace+lower %.2f s, compile %.2f s", kind, rows, tokens,
-                        num_steps, t1 - t0, t2 - t1)
-            if self._aot_store is not None and aot_cache.may_save(aot_cache.persistent_cache_hits() > hits0):
-                self._aot_store.save(key, fn)
+                self.compile_log.append((kind, rows, tokens, num_steps, 0.0, load_s))
+            return fn
+        logger.info("compiling %s (%s sampling): %s", info["program"], info["sampling"], info["reason"])
+        t0 = time.perf_counter()
+        with trace_lock or contextlib.nullcontext():     # background: one thread holds the GIL tracing
+            if kind == "multi":
+                lowered = self._multi_step_fn.lower(self.params, self.kv_caches, batch, sbatch, flags=flags,
+                                                    num_steps=num_steps)
+            else:
+                lowered = self._step_fn.lower(self.params, self.kv_caches, batch, sbatch,
+                                              decode=(kind == "decode"), flags=flags)
+        t1 = time.perf_counter()
+        hits0 = aot_cache.persistent_cache_hits() if self._aot_store is not None else 0
+        fn = lowered.compile()
+        t2 = time.perf_counter()
+        with self._compile_lock:
+            self._compiled[key] = fn
+            # (kind, S, T, steps, trace+lower s, compile s); a compile of ~0.1 s is a persistent-cache hit
+            self.compile_log.append((kind, rows, tokens, num_steps, t1 - t0, t2 - t1))
+        logger.info("compiled %s S=%d T=%d steps=%d: trace+lower %.2f s, compile %.2f s (%s sampling; %s)", kind,
+                    rows, tokens, num_steps, t1 - t0, t2 - t1, info["sampling"], info["reason"])
+        if self._aot_store is not None and aot_cache.may_save(aot_cache.persistent_cache_hits() > hits0):
+            self._aot_store.save(key, fn)
         return fn
+
+    def compile_program_later(self, kind: str, batch, sbatch, flags, reason: str) -> None:
+        """Compile one more single-step program (these input shapes) in a background thread, once, when the
+        steps pause (`_wait_for_idle`)."""
+        key = self.program_key(kind, batch, sbatch, flags)
+        with self._compile_lock:
+            if key in self._requested or key in self._compiled:
+                return
+            self._requested.add(key)
+
+        def run():
+            self._wait_for_idle()
+            self.compiled(kind, batch, sbatch, flags, trace_lock=self._background_trace_lock, reason=reason)
+
+        thread = threading.Thread(target=run, name="yaie-compile-later", daemon=True)
+        self._later_threads.append(thread)
+        thread.start()
 
     # ------------------------------------------------------------------ block copies / swap
     def _pad_pairs(self, pairs: Seq[Tuple[int, int]]) -> Tuple[np.ndarray, np.ndarray]:
@@ -518,11 +571,13 @@ class ModelRunner:
                                                   members_per_item=cascade.members_per_item(self.cascade_group))
         return batch, sbatch, flags, K
 
-    def _compile_shape(self, shape, trace_lock=None) -> None:
+    def _compile_shape(self, shape, trace_lock=None, reason: str = "warm-up") -> None:
         kind, T, S = shape
         batch, sbatch, flags, K = self._dummy_inputs(kind, T, S)
-        base = kind.partition("+")[0]
-        self.compiled(base, batch, sbatch, flags, K, trace_lock=trace_lock)
+        base, _, variant = kind.partition("+")
+        if variant:
+            reason = f"background: the {variant} variant, first wanted by a step"
+        self.compiled(base, batch, sbatch, flags, K, trace_lock=trace_lock, reason=reason)
         with self._compile_lock:
             self._first_runs.append((base, batch, sbatch, flags, K))
             self._ready.add((kind, T if kind == "prefill" else S))
@@ -587,11 +642,14 @@ class ModelRunner:
         (BACKGROUND_GRACE_S after the warm-up) is over (tracing and lowering hold the GIL, which the serving loop
         needs), or after `max_defer_s` at the latest; one background compile traces/lowers at a time (their XLA
         compiles, which release the GIL, still overlap)."""
+        self._wait_for_idle(idle_s, max_defer_s)
+        self._compile_shape(shape, trace_lock=self._background_trace_lock, reason="warm-up (background)")
+
+    def _wait_for_idle(self, idle_s: float = 0.25, max_defer_s: float = 5.0) -> None:
         deadline = time.monotonic() + max_defer_s
         while time.monotonic() < deadline and (time.monotonic() - self._last_step_t < idle_s
                                                or time.monotonic() < self._background_not_before):
             time.sleep(0.02)
-        self._compile_shape(shape, trace_lock=self._background_trace_lock)
 
     def wait_for_warmup(self) -> None:
         """Block until background bucket compilation (if any) has finished."""
