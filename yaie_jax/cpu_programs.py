@@ -5,9 +5,13 @@ On a CPU one step program takes 4-15 s to compile (SmolLM2-135M, 2 cores): the G
 would take minutes, and each sampling variant met mid-stream used to compile its own program while every stream
 waited. Here:
 
+- prefill steps of fewer than 64 tokens run in the T=64 bucket (`MIN_PREFILL_TOKENS`): a chat prompt of a
+  short question (the README's: 37 tokens with the template) and the prompts that follow it share one bucket;
 - start-up: the programs of a first short chat request (prefill T=64, then decode S=8; greedy) compile in a
   background thread from the moment the engine is built, then these buckets' superset variants
   (`sampling_superset`); a step that needs one of them waits for that compile, never compiles it twice;
+- background compiles run one at a time, in the order asked (start-up first): on 2 cores a second compile
+  only slows the first;
 - a single-step batch runs in its bucket's greedy program if it is all-greedy without extras, else in the
   superset program (same tokens, logprobs and draws): two programs per bucket whatever the mix of options;
 - a bucket met for the first time compiles the program its step needs then (nothing else can run it) and its
@@ -20,6 +24,7 @@ padded rows).
 """
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from typing import List, Tuple
@@ -31,7 +36,7 @@ from .sampling_superset import GREEDY, SUPERSET, describe, history_width, to_sup
 
 logger = logging.getLogger("yaie_jax.runner")
 
-FIRST_PROMPT_TOKENS = 64      # prefill bucket of a first chat request (the README's question: 37 tokens)
+MIN_PREFILL_TOKENS = 64       # smallest prefill bucket (the README's question is 37 tokens with the template)
 
 
 class CpuProgramPlan:
@@ -40,32 +45,57 @@ class CpuProgramPlan:
         self.width = history_width(runner.max_model_len)    # the superset's penalty history width
         self.num_superset_steps = 0                          # steps run in a superset program
         self._noted: set = set()
+        self._lock = threading.Lock()
+        self._queue: collections.deque = collections.deque()  # (kind, batch, sbatch, flags, reason, wait_idle)
+        self._queued: set = set()                            # program keys ever queued
+        self._worker = None
 
     # ------------------------------------------------------------------ start-up
     def startup_programs(self) -> List[Tuple[str, int, int, str]]:
         """(kind, T, S, variant) in compile order: a first chat request's prefill and decode, then their
         supersets."""
         r = self.runner
-        T = next((t for t in r.token_buckets if t >= FIRST_PROMPT_TOKENS), r.token_buckets[-1])
-        S = r.seq_buckets_decode[0]
+        T, S = r.token_buckets[0], r.seq_buckets_decode[0]
         prefill, decode = ("prefill", T, min(T, r.seq_buckets_decode[-1])), ("decode", S, S)
         return [prefill + ("greedy",), decode + ("greedy",), decode + ("superset",), prefill + ("superset",)]
 
-    def start(self) -> threading.Thread:
-        """Compile `startup_programs` one after the other in a background thread (returned, already started)."""
-        def run():
-            for kind, T, S, variant in self.startup_programs():
-                batch, sbatch, _, _ = self.runner._dummy_inputs(kind, T, S)
-                if variant == "superset":
-                    sbatch = to_superset(sbatch, GREEDY, width=self.width)
-                self.runner.compiled(kind, batch, sbatch, GREEDY if variant == "greedy" else SUPERSET,
-                                     trace_lock=self.runner._background_trace_lock,
-                                     reason=f"start-up (background): a first chat request's {variant} program")
-            logger.info("start-up compiles done: %d step programs", len(self.startup_programs()))
+    def start(self) -> None:
+        """Queue `startup_programs` for the background compiler (started at once, not waiting for idle)."""
+        for kind, T, S, variant in self.startup_programs():
+            batch, sbatch, _, _ = self.runner._dummy_inputs(kind, T, S)
+            if variant == "superset":
+                sbatch = to_superset(sbatch, GREEDY, width=self.width)
+            self._enqueue(kind, batch, sbatch, GREEDY if variant == "greedy" else SUPERSET,
+                          f"start-up (background): a first chat request's {variant} program", wait_idle=False)
 
-        thread = threading.Thread(target=run, name="yaie-compile-startup", daemon=True)
-        thread.start()
-        return thread
+    def _enqueue(self, kind, batch, sbatch, flags, reason: str, wait_idle: bool = True) -> None:
+        key = self.runner.program_key(kind, batch, sbatch, flags)
+        with self._lock:
+            if key in self._queued or self.runner.is_compiled(kind, batch, sbatch, flags):
+                return
+            self._queued.add(key)
+            self._queue.append((kind, batch, sbatch, flags, reason, wait_idle))
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="yaie-compile-cpu", daemon=True)
+                self.runner._later_threads.append(self._worker)
+                self._worker.start()
+
+    def _work(self) -> None:
+        """Compile the queued programs one at a time (each after a pause in the steps unless queued at start-up:
+        tracing holds the GIL); exits when the queue is empty."""
+        r = self.runner
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._worker = None
+                    return
+                kind, batch, sbatch, flags, reason, wait_idle = self._queue.popleft()
+            if wait_idle:
+                r._wait_for_idle()
+            try:
+                r.compiled(kind, batch, sbatch, flags, trace_lock=r._background_trace_lock, reason=reason)
+            except Exception:      # noqa: BLE001 - a step that needs it compiles it (and raises) itself
+                logger.exception("background compile of %s failed", kind)
 
     # ------------------------------------------------------------------ per step
     def choose(self, kind: str, batch, sbatch, flags):
@@ -99,4 +129,4 @@ class CpuProgramPlan:
     def _later(self, kind, batch, sbatch, flags, why: str) -> None:
         if not self.runner.is_compiled(kind, batch, sbatch, flags):
             zeros = jax.tree_util.tree_map(np.zeros_like, (batch, sbatch))     # shapes only: the step's arrays
-            self.runner.compile_program_later(kind, zeros[0], zeros[1], flags, reason=f"background: {why}")
+            self._enqueue(kind, zeros[0], zeros[1], flags, reason=f"background: {why}")

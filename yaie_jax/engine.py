@@ -178,7 +178,7 @@ class LLMEngine:
             if self.runner.cpu_plan is not None:
                 # CPU compiles are slow (4-15 s per program): no warm-up of every bucket; a first chat request's
                 # programs compile in the background from now on, the rest on first use (cpu_programs.py)
-                self.runner._later_threads.append(self.runner.cpu_plan.start())
+                self.runner.cpu_plan.start()
                 logger.info("CPU backend: no bucket warm-up; compiling in the background: %s; other programs "
                             "compile on first use", ", ".join(f"{k} T={t} S={s} {v}" for k, t, s, v in
                                                             self.runner.cpu_plan.startup_programs()))

@@ -8,7 +8,8 @@ and the host swap pool (same storage dtype).
 Shapes are padded to buckets so XLA compiles a bounded set of programs:
   decode step   (every sequence has exactly one new token): S padded to a power of two (>= 8)
   fused decode  (num_decode_steps tokens per sequence in one call): as decode
-  prefill step  (any mix of prefill chunks and decode tokens): T padded to a power of two, S = min(T, S_max)
+  prefill step  (any mix of prefill chunks and decode tokens): T padded to a power of two (>= 16; on the CPU
+                with warm-up on >= 64, see cpu_programs.py), S = min(T, S_max)
 (one program per T rather than per (T, S) pair: fewer compiles at start-up; see `padded_shape`).
 Padding tokens write nowhere (slot -1) and padding sequences have context length 0 (attention outputs zeros).
 """
@@ -34,7 +35,7 @@ from . import aot_cache
 from . import cascade
 from .compile_tracker import CompileTracker
 from .config import EngineConfig
-from .cpu_programs import CpuProgramPlan
+from .cpu_programs import MIN_PREFILL_TOKENS, CpuProgramPlan
 from .models.base import CausalLM
 from .sampling_superset import describe
 from .scheduler import SchedulerOutput
@@ -89,8 +90,12 @@ class ModelRunner:
         # decode batches below 8 rows cost the same as 8 on a GPU: one bucket for them (fewer compiles)
         self.seq_buckets_decode = [next_power_of(s, 2, 1) for s in
                                    bucket_list(min(8, config.max_num_seqs), max(config.max_num_seqs, 1), 2)]
-        self.token_buckets = [next_power_of(t, 2, 16) for t in
-                              bucket_list(16, max(config.max_num_batched_tokens, 16), 2)]
+        # CPU with warm-up on (cpu_programs.py): no prefill bucket below MIN_PREFILL_TOKENS (a compile saved per
+        # bucket; padding a short prompt costs little there)
+        use_cpu_plan = jax.default_backend() == "cpu" and config.warmup and jax.process_count() == 1
+        lo = min(MIN_PREFILL_TOKENS, next_power_of(config.max_num_batched_tokens, 2, 16)) if use_cpu_plan else 16
+        self.token_buckets = [next_power_of(t, 2, lo) for t in
+                              bucket_list(lo, max(config.max_num_batched_tokens, lo), 2)]
 
         if param_shardings is not None:
             self.params = jax.device_put(model.params, param_shardings)
@@ -148,8 +153,7 @@ class ModelRunner:
         self.compile_tracker = CompileTracker()   # the compiles under way (one per program at a time; /health)
         # CPU with warm-up on: what compiles when, greedy/superset programs per bucket (cpu_programs.py); not with
         # several processes (each must run the same programs: the choice depends on what compiled when)
-        self.cpu_plan = CpuProgramPlan(self) if (jax.default_backend() == "cpu" and config.warmup
-                                                 and jax.process_count() == 1) else None
+        self.cpu_plan = CpuProgramPlan(self) if use_cpu_plan else None
 
     # ------------------------------------------------------------------ memory
     def kv_bytes_per_block(self) -> int:
@@ -255,8 +259,8 @@ class ModelRunner:
             S = self._ready_bucket(kind, next_power_of(n, 2, self.seq_buckets_decode[0]), self.seq_buckets_decode)
             shape = (S, S)
         else:
-            T = self._ready_bucket("prefill", next_power_of(sum(s.num_new_tokens for s in out.scheduled), 2, 16),
-                                   self.token_buckets)
+            T = self._ready_bucket("prefill", next_power_of(sum(s.num_new_tokens for s in out.scheduled), 2,
+                                                            self.token_buckets[0]), self.token_buckets)
             shape = (max(min(T, self.seq_buckets_decode[-1]), next_power_of(n, 2, 4)), T)
         out.padded_shape = shape
         return shape
@@ -478,23 +482,6 @@ class ModelRunner:
         if self._aot_store is not None and aot_cache.may_save(aot_cache.persistent_cache_hits() > hits0):
             self._aot_store.save(key, fn)
         return fn
-
-    def compile_program_later(self, kind: str, batch, sbatch, flags, reason: str) -> None:
-        """Compile one more single-step program (these input shapes) in a background thread, once, when the
-        steps pause (`_wait_for_idle`)."""
-        key = self.program_key(kind, batch, sbatch, flags)
-        with self._compile_lock:
-            if key in self._requested or key in self._compiled:
-                return
-            self._requested.add(key)
-
-        def run():
-            self._wait_for_idle()
-            self.compiled(kind, batch, sbatch, flags, trace_lock=self._background_trace_lock, reason=reason)
-
-        thread = threading.Thread(target=run, name="yaie-compile-later", daemon=True)
-        self._later_threads.append(thread)
-        thread.start()
 
     # ------------------------------------------------------------------ block copies / swap
     def _pad_pairs(self, pairs: Seq[Tuple[int, int]]) -> Tuple[np.ndarray, np.ndarray]:

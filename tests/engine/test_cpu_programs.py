@@ -1,7 +1,7 @@
 """The CPU compile plan (yaie_jax/cpu_programs.py, warm-up on): a first chat request's programs compile in the
 background from start-up, any mix of sampling options then runs without compiling (greedy or superset program),
-with the same tokens and logprobs as the exact variants of an engine without the plan, and a program needed by
-two threads compiles once."""
+with the same tokens and logprobs as the exact variants of an engine without the plan (given the same buckets:
+the plan has no prefill bucket below 64 tokens), and a program needed by two threads compiles once."""
 import threading
 
 import jax
@@ -45,6 +45,8 @@ def test_plan_gives_the_exact_variants_outputs_without_compiling_mid_stream(llam
     assert startup == len(runner.cpu_plan.startup_programs()) == 4
     exact = LLM(llama_dir, warmup=False, **BASE)
     assert exact.engine.runner.cpu_plan is None
+    assert runner.token_buckets == [64] and exact.engine.runner.token_buckets == [16, 32, 64]
+    exact.engine.runner.token_buckets = [64]       # the same buckets: only the sampling programs differ
     # one request at a time in those buckets (prefill T=64, decode S=8): any option runs at once, in the greedy
     # or the superset program; then all together (larger buckets); the same calls on both engines (same cache)
     for p, sp in zip(prompts[:4], mixed_params()[:4]):
