@@ -82,14 +82,20 @@ def cascade_paged_attention(q, k_pages, v_pages, block_tables, context_lens, cas
 
 
 def ragged_prefill_attention(q, k_pages, v_pages, query_start, context_lens, block_tables, *, scale=None,
-                             interpret=None, q_chunk=None, items_per_step=None):
+                             interpret=None, q_chunk=None, items_per_step=None, pages_dtype=None):
     """Attention for query chunks of many sequences laid back to back.
 
     q [num_tokens, num_q_heads, head_dim]; query_start [num_seqs + 1] int32. Sequence i's queries
     q[query_start[i]:query_start[i+1]] are the last positions of its context_lens[i] tokens (their K/V already in
     the pages) and attend causally to everything before them, cached prefix included. Tokens past
-    query_start[-1] output zeros. `q_chunk`/`items_per_step` only tune the XLA loop."""
+    query_start[-1] output zeros. `q_chunk`/`items_per_step` only tune the XLA loop. `pages_dtype`: the pages
+    hold the bit patterns of values of this (same-width) dtype (yaie_jax.attention.kv_storage_dtype); they are
+    reinterpreted after each gather, inside the loop, so XLA:CPU does not convert the whole pool before it."""
     del interpret
+    dt = k_pages.dtype if pages_dtype is None else jnp.dtype(pages_dtype)
+
+    def view(pages):                                                     # gathered pages as `dt` values
+        return pages if pages.dtype == dt else lax.bitcast_convert_type(pages, dt)
     T, Hq, D = q.shape
     Hkv, NB, BS, _ = k_pages.shape
     S, MB = block_tables.shape
@@ -113,7 +119,7 @@ def ragged_prefill_attention(q, k_pages, v_pages, query_start, context_lens, blo
     item_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(n_chunks).astype(jnp.int32)])  # [S+1]
     n_items = item_start[S]
     bt_all = jnp.clip(block_tables, 0, NB - 1)
-    q_pad = jnp.concatenate([q, jnp.zeros((C, Hq, D), q.dtype)]).astype(k_pages.dtype)  # [T + C, Hq, D]
+    q_pad = jnp.concatenate([q, jnp.zeros((C, Hq, D), q.dtype)]).astype(dt)          # [T + C, Hq, D]
     key_idx = jnp.arange(L)
 
     def step(i, out):
@@ -127,8 +133,8 @@ def ragged_prefill_attention(q, k_pages, v_pages, query_start, context_lens, blo
         pos = (context_lens[seq] - q_len[seq])[:, None] + (rows - query_start[seq][:, None])  # [B, C] absolute
         qi = q_pad[jnp.clip(rows, 0, T + C - 1)].reshape(B, C, Hkv, G, D)
         bt = bt_all[seq]                                                 # [B, MB]
-        k = k_pages[:, bt].reshape(Hkv, B, L, D)
-        v = v_pages[:, bt].reshape(Hkv, B, L, D)
+        k = view(k_pages[:, bt]).reshape(Hkv, B, L, D)
+        v = view(v_pages[:, bt]).reshape(Hkv, B, L, D)
         s = jnp.einsum("bchgd,hbld->bhgcl", qi, k, precision=_HI, preferred_element_type=jnp.float32) * sc
         mask = key_idx[None, None, :] <= pos[:, :, None]                 # [B, C, L]
         s = jnp.where(mask[:, None, None], s, NEG_INF)

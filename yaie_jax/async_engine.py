@@ -316,6 +316,8 @@ class AsyncEngine:
         else:
             status = "ok"
         s = self._stats
+        programs = getattr(self.engine, "compiling_programs", None)
+        compiling = programs() if callable(programs) else []
         return {
             "status": status,
             "engine_loop_alive": alive,
@@ -329,6 +331,9 @@ class AsyncEngine:
             "num_steps": self._num_steps,
             "last_step_age_s": None if self._last_step_time is None else round(now - self._last_step_time, 3),
             "uptime_s": round(now - self._started_at, 3),
+            # step programs compiling now ({program, sampling, reason, seconds}); a request needing one waits
+            "compiling": bool(compiling),
+            "compiling_programs": compiling,
         }
 
     def _refresh_stats(self, force: bool = False) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .parallel import AXIS, shard_map
@@ -27,12 +28,27 @@ def kernel_functions(backend: str):
     return mod.write_kv, mod.paged_attention, mod.ragged_prefill_attention, mod.cascade_paged_attention
 
 
+def kv_storage_dtype(dtype, backend: str):
+    """The dtype the KV pool's arrays hold for a pool of `dtype` values: uint16 (the values' bit patterns) for a
+    16-bit float pool on the CPU with the "xla" backend, else `dtype` itself.
+
+    XLA:CPU upcasts every bf16/f16 op to float32 over its whole operand, a pool scatter included (a convert of
+    each layer's K and V pages to f32 and back per step: 4 GB of temporaries and 5-6 s per decode step for
+    SmolLM2's default 2 GiB pool, jax 0.10.2), and it materializes a bitcast of the pool as a copy. An integer
+    scatter into the donated pool is done in place; reads bitcast the gathered pages (fused into the gather)."""
+    if (backend == "xla" and jax.default_backend() == "cpu"
+            and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))):
+        return jnp.dtype(jnp.uint16)
+    return jnp.dtype(dtype)
+
+
 def make_paged_attention(backend: str, *, decode: bool, slot_mapping, query_start, context_lens, block_tables,
-                         mesh=None, cascade=None):
+                         mesh=None, cascade=None, kv_dtype=None):
     """The attention callable of one step (models/base.py contract). With a TP `mesh` the KV pool stays split by
     KV head (parallel.py): the K/V writes run per shard for either backend, and so do the "pallas" kernels
     (`_per_shard`); the "xla" attention is left to XLA's partitioner. `cascade`: a decode step's cascade plan
-    (yaie_jax/cascade.py; arrays), or None for plain paged decode attention."""
+    (yaie_jax/cascade.py; arrays), or None for plain paged decode attention. `kv_dtype`: the dtype of the pool's
+    values where the pool's arrays hold their bit patterns instead (`kv_storage_dtype`), else None."""
     write_kv, paged_attention, ragged_prefill_attention, cascade_attention = kernel_functions(backend)
     if mesh is not None:
         write_kv = _write_kv_per_shard(mesh, write_kv)
@@ -43,18 +59,27 @@ def make_paged_attention(backend: str, *, decode: bool, slot_mapping, query_star
     def attention(layer_idx, q, k, v, kv_cache):
         # q [T, num_heads, head_dim]; k, v [T, num_kv_heads, head_dim]; pages [num_kv_heads, blocks, bs, head_dim]
         k_pages, v_pages = kv_cache
+        bits = kv_dtype is not None and k_pages.dtype != jnp.dtype(kv_dtype)
+        if bits:   # the pool holds bit patterns: write the new values' bits (an integer scatter, in place)
+            k = jax.lax.bitcast_convert_type(k.astype(kv_dtype), k_pages.dtype)
+            v = jax.lax.bitcast_convert_type(v.astype(kv_dtype), v_pages.dtype)
         k_pages, v_pages = write_kv(k_pages, v_pages, k, v, slot_mapping)
         if mesh is not None:  # keep the pool split by KV head across steps (no re-layout between calls)
             pool = NamedSharding(mesh, P(AXIS, None, None, None))
             k_pages = jax.lax.with_sharding_constraint(k_pages, pool)
             v_pages = jax.lax.with_sharding_constraint(v_pages, pool)
+        new_cache = (k_pages, v_pages)
+        if bits and decode:   # the decode gathers fuse the bitcast; prefill's loop reinterprets what it gathers
+            k_pages = jax.lax.bitcast_convert_type(k_pages, kv_dtype)
+            v_pages = jax.lax.bitcast_convert_type(v_pages, kv_dtype)
         if decode and cascade is not None:
             out = cascade_attention(q, k_pages, v_pages, block_tables, context_lens, cascade)
         elif decode:
             out = paged_attention(q, k_pages, v_pages, block_tables, context_lens)
         else:
-            out = ragged_prefill_attention(q, k_pages, v_pages, query_start, context_lens, block_tables)
-        return out, (k_pages, v_pages)
+            extra = {"pages_dtype": kv_dtype} if bits else {}   # bits: "xla" backend only (kv_storage_dtype)
+            out = ragged_prefill_attention(q, k_pages, v_pages, query_start, context_lens, block_tables, **extra)
+        return out, new_cache
 
     return attention
 

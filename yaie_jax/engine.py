@@ -188,11 +188,17 @@ class LLMEngine:
         self.on_device_wait: Optional[Callable[[Callable[[], bool]], None]] = None
         self.served_model_name = config.served_model_name or (config.model or "default")
         if config.warmup:
-            if jax.default_backend() == "cpu":
-                # CPU compiles are slow (seconds per bucket): compile lazily, as shapes are first met.
-                logger.info("CPU backend: skipping bucket warm-up; programs compile on first use")
-            else:
+            if self.runner.cpu_plan is not None:
+                # CPU compiles are slow (4-15 s per program): no warm-up of every bucket; a first chat request's
+                # programs compile in the background from now on, the rest on first use (cpu_programs.py)
+                self.runner.cpu_plan.start()
+                logger.info("CPU backend: no bucket warm-up; compiling in the background: %s; other programs "
+                            "compile on first use", ", ".join(f"{k} T={t} S={s} {v}" for k, t, s, v in
+                                                            self.runner.cpu_plan.startup_programs()))
+            elif jax.default_backend() != "cpu":
                 self.warmup()
+            else:
+                logger.info("CPU backend with several processes: no warm-up; programs compile on first use")
         # joined last: the warm-up does not need it (its imports took ~2 s of the GPU warm start when joined before)
         self.tokenizer = tokenizer_future.result()
         self.eos_token_ids = self._eos_ids()
@@ -687,6 +693,11 @@ class LLMEngine:
         stats["num_compiled_programs"] = len(log)
         stats["compile_s"] = {"trace_lower": sum(e[4] for e in log), "compile": sum(e[5] for e in log)}
         return stats
+
+    def compiling_programs(self) -> List[dict]:
+        """The step programs being compiled now (oldest first): program, sampling variant, why, seconds so far.
+        Thread-safe (the server's /health reads it)."""
+        return self.runner.compile_tracker.snapshot()
 
     def warmup(self, background: bool = True) -> None:
         """Compile the step programs (see `ModelRunner.warmup`) and run each once; `wait_for_warmup` joins

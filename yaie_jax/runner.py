@@ -1,13 +1,15 @@
 """ModelRunner: scheduler output (host numpy) -> padded device arrays -> one jitted step -> sampled token ids.
 
 The only place that turns host data into device arrays. Owns the device KV pool (one `(k_pages, v_pages)` pair
-per layer, each `[num_kv_heads, num_blocks, block_size, head_dim]`), donated to every step so XLA updates it in
-place, and the host swap pool.
+per layer, each `[num_kv_heads, num_blocks, block_size, head_dim]`; on the CPU a 16-bit float pool holds the
+values' uint16 bit patterns, see `attention.kv_storage_dtype`), donated to every step so XLA updates it in place,
+and the host swap pool (same storage dtype).
 
 Shapes are padded to buckets so XLA compiles a bounded set of programs:
   decode step   (every sequence has exactly one new token): S padded to a power of two (>= 8)
   fused decode  (num_decode_steps tokens per sequence in one call): as decode
-  prefill step  (any mix of prefill chunks and decode tokens): T padded to a power of two, S = min(T, S_max)
+  prefill step  (any mix of prefill chunks and decode tokens): T padded to a power of two (>= 16; on the CPU
+                with warm-up on >= 64, see cpu_programs.py), S = min(T, S_max)
 (one program per T rather than per (T, S) pair: fewer compiles at start-up; see `padded_shape`).
 Padding tokens write nowhere (slot -1) and padding sequences have context length 0 (attention outputs zeros).
 """
@@ -28,12 +30,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import prompt_logprobs, sampling
-from .attention import make_paged_attention
+from .attention import kv_storage_dtype, make_paged_attention
 from . import aot_cache
 from . import cascade
 from . import deterministic
+from .compile_tracker import CompileTracker
 from .config import EngineConfig
+from .cpu_programs import MIN_PREFILL_TOKENS, CpuProgramPlan
 from .models.base import CausalLM
+from .sampling_superset import describe
 from .scheduler import SchedulerOutput
 
 logger = logging.getLogger("yaie_jax.runner")
@@ -78,13 +83,20 @@ class ModelRunner:
         self.mesh = mesh
         self.kv_sharding = kv_sharding
         self.attention_backend = resolve_attention_backend(config.attention_backend)
+        # the pool's arrays: `dtype` values, or their uint16 bit patterns on the CPU (see `kv_storage_dtype`)
+        self.kv_storage_dtype = kv_storage_dtype(self.dtype, self.attention_backend)
+        self._kv_view = None if self.kv_storage_dtype == jnp.dtype(self.dtype) else self.dtype
 
         # Buckets (see module docstring).
         # decode batches below 8 rows cost the same as 8 on a GPU: one bucket for them (fewer compiles)
         self.seq_buckets_decode = [next_power_of(s, 2, 1) for s in
                                    bucket_list(min(8, config.max_num_seqs), max(config.max_num_seqs, 1), 2)]
-        self.token_buckets = [next_power_of(t, 2, 16) for t in
-                              bucket_list(16, max(config.max_num_batched_tokens, 16), 2)]
+        # CPU with warm-up on (cpu_programs.py): no prefill bucket below MIN_PREFILL_TOKENS (a compile saved per
+        # bucket; padding a short prompt costs little there)
+        use_cpu_plan = jax.default_backend() == "cpu" and config.warmup and jax.process_count() == 1
+        lo = min(MIN_PREFILL_TOKENS, next_power_of(config.max_num_batched_tokens, 2, 16)) if use_cpu_plan else 16
+        self.token_buckets = [next_power_of(t, 2, lo) for t in
+                              bucket_list(lo, max(config.max_num_batched_tokens, lo), 2)]
 
         if param_shardings is not None:
             self.params = jax.device_put(model.params, param_shardings)
@@ -100,7 +112,7 @@ class ModelRunner:
         if config.num_cpu_blocks > 0:
             # [layers, 2 (k/v), num_kv_heads, num_cpu_blocks, block_size, head_dim] host swap pool
             self.host_kv = np.zeros((self.mc.num_layers, 2, self.mc.num_kv_heads, config.num_cpu_blocks,
-                                     self.block_size, self.mc.head_dim), dtype=np.dtype(self.dtype))
+                                     self.block_size, self.mc.head_dim), dtype=np.dtype(self.kv_storage_dtype))
         self._rng_seed = config.seed
         self._step_fn = jax.jit(self._step_impl, donate_argnums=(1,),
                                 static_argnames=("decode", "flags"))
@@ -149,6 +161,10 @@ class ModelRunner:
         self.num_first_runs = 0
         # compiled programs of earlier processes with the same fingerprint (None: off, see aot_cache.for_runner)
         self._aot_store = aot_cache.ExecutableStore.for_runner(self)
+        self.compile_tracker = CompileTracker()   # the compiles under way (one per program at a time; /health)
+        # CPU with warm-up on: what compiles when, greedy/superset programs per bucket (cpu_programs.py); not with
+        # several processes (each must run the same programs: the choice depends on what compiled when)
+        self.cpu_plan = CpuProgramPlan(self) if use_cpu_plan else None
 
     # ------------------------------------------------------------------ memory
     def kv_bytes_per_block(self) -> int:
@@ -183,8 +199,8 @@ class ModelRunner:
 
         def zeros():
             if self.kv_sharding is not None:
-                return jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=self.kv_sharding)()
-            return jnp.zeros(shape, self.dtype)
+                return jax.jit(lambda: jnp.zeros(shape, self.kv_storage_dtype), out_shardings=self.kv_sharding)()
+            return jnp.zeros(shape, self.kv_storage_dtype)         # bits 0 = +0.0 in either storage
 
         # [num_kv_heads, num_blocks, block_size, head_dim] per layer, K and V
         return [(zeros(), zeros()) for _ in range(self.mc.num_layers)]
@@ -194,7 +210,7 @@ class ModelRunner:
         attention = make_paged_attention(
             self.attention_backend, decode=decode, slot_mapping=batch["slot_mapping"],
             query_start=batch["query_start"], context_lens=batch["context_lens"],
-            block_tables=batch["block_tables"], mesh=self.mesh, cascade=batch.get("cascade"))
+            block_tables=batch["block_tables"], mesh=self.mesh, cascade=batch.get("cascade"), kv_dtype=self._kv_view)
         hidden, kv_caches = self.model.apply_hidden(params, batch["input_ids"], batch["positions"],
                                                     attention, kv_caches)
         rows = hidden[batch["logits_index"]]                       # [S, hidden]
@@ -225,7 +241,8 @@ class ModelRunner:
                 self.attention_backend, decode=True, slot_mapping=batch["slots"][j],
                 query_start=jnp.arange(S + 1, dtype=jnp.int32),
                 context_lens=jnp.where(live, batch["context_lens"] + j, 0),
-                block_tables=batch["block_tables"], mesh=self.mesh, cascade=batch.get("cascade"))
+                block_tables=batch["block_tables"], mesh=self.mesh, cascade=batch.get("cascade"),
+                kv_dtype=self._kv_view)
             hidden, kv = self.model.apply_hidden(params, tokens, batch["positions"] + j, attention, kv)
             logits = self.model.apply_logits(params, hidden)               # [S, vocab] float32
             step_batch = jax.tree_util.tree_map(lambda a: a[j], sbatch)     # this step's rows (keys, ...)
@@ -259,8 +276,8 @@ class ModelRunner:
             S = self._ready_bucket(kind, next_power_of(n, 2, self.seq_buckets_decode[0]), self.seq_buckets_decode)
             shape = (S, S)
         else:
-            T = self._ready_bucket("prefill", next_power_of(sum(s.num_new_tokens for s in out.scheduled), 2, 16),
-                                   self.token_buckets)
+            T = self._ready_bucket("prefill", next_power_of(sum(s.num_new_tokens for s in out.scheduled), 2,
+                                                            self.token_buckets[0]), self.token_buckets)
             shape = (max(min(T, self.seq_buckets_decode[-1]), next_power_of(n, 2, 4)), T)
         out.padded_shape = shape
         return shape
@@ -417,7 +434,9 @@ class ModelRunner:
     def run_program(self, kind: str, batch, sbatch, flags, num_steps: int = 1):
         """Run one compiled step program ("decode" | "prefill" | "multi") on padded inputs, updating the KV pool
         in place (donated). The one place the engine's steps reach the device. Returns device arrays."""
-        fn = self.compiled(kind, batch, sbatch, flags, num_steps)
+        if self.cpu_plan is not None and num_steps == 1:
+            sbatch, flags = self.cpu_plan.choose(kind, batch, sbatch, flags)
+        fn = self.compiled(kind, batch, sbatch, flags, num_steps, reason="a step needs it now (the engine waits)")
         t0 = time.perf_counter()
         result, self.kv_caches = fn(self.params, self.kv_caches, batch, sbatch)
         self.host_time_s["launch"] += time.perf_counter() - t0
@@ -436,49 +455,77 @@ class ModelRunner:
         return (str(treedef),) + tuple((tuple(np.shape(x)), str(np.asarray(x).dtype) if not hasattr(x, "dtype")
                                          else str(x.dtype)) for x in leaves)
 
-    def compiled(self, kind: str, batch, sbatch, flags, num_steps: int = 1, trace_lock=None):
+    def program_key(self, kind: str, batch, sbatch, flags, num_steps: int = 1) -> tuple:
+        return (kind, flags, num_steps, self._shape_key(batch), self._shape_key(sbatch))
+
+    def is_compiled(self, kind: str, batch, sbatch, flags, num_steps: int = 1) -> bool:
+        return self.program_key(kind, batch, sbatch, flags, num_steps) in self._compiled
+
+    def compiled(self, kind: str, batch, sbatch, flags, num_steps: int = 1, trace_lock=None,
+                 reason: str = "first use") -> "jax.stages.Compiled":
         """The compiled program for these input shapes (ahead-of-time: lower + compile once, then reuse). With
         the compiled-program store (yaie_jax/aot_cache.py) a program compiled by an earlier process with the same
-        fingerprint is loaded instead (no tracing, lowering or XLA compile), and new ones are saved to it."""
-        key = (kind, flags, num_steps, self._shape_key(batch), self._shape_key(sbatch))
+        fingerprint is loaded instead (no tracing, lowering or XLA compile), and new ones are saved to it. A
+        program another thread is compiling is waited for, not compiled twice; `reason` (why it is needed) goes
+        to the log and to `compile_tracker` (/health) while it compiles."""
+        key = self.program_key(kind, batch, sbatch, flags, num_steps)
         fn = self._compiled.get(key)
-        if fn is None:
+        while fn is None:
             rows = np.shape(batch["logits_index" if kind == "det" else "context_lens"])[0]
             tokens = np.shape(batch["input_ids"])[0]
-            fn, load_s = aot_cache.timed_load(self._aot_store, key)
-            if fn is not None:
-                logger.info("loaded %s S=%d T=%d steps=%d from the compiled-program store in %.2f s", kind, rows,
-                            tokens, num_steps, load_s)
-                with self._compile_lock:
-                    self._compiled[key] = fn
-                    self.compile_log.append((kind, rows, tokens, num_steps, 0.0, load_s))
-                return fn
-            t0 = time.perf_counter()
-            with trace_lock or contextlib.nullcontext():     # background: one thread holds the GIL tracing
-                if kind == "multi":
-                    lowered = self._multi_step_fn.lower(self.params, self.kv_caches, batch, sbatch, flags=flags,
-                                                        num_steps=num_steps)
-                elif kind == "det":
-                    lowered = self._det_step_fn.lower(self.params, self.kv_caches, batch, sbatch, flags=flags)
-                elif kind == "det_multi":
-                    lowered = self._det_multi_step_fn.lower(self.params, self.kv_caches, batch, sbatch, flags=flags,
-                                                            num_steps=num_steps)
-                else:
-                    lowered = self._step_fn.lower(self.params, self.kv_caches, batch, sbatch,
-                                                  decode=(kind == "decode"), flags=flags)
-            t1 = time.perf_counter()
-            hits0 = aot_cache.persistent_cache_hits() if self._aot_store is not None else 0
-            fn = (lowered.compile(compiler_options=self.det.compiler_options) if kind in deterministic.KINDS
-                  else lowered.compile())
-            t2 = time.perf_counter()
+            program = f"{kind} S={rows} T={tokens}" + (f" steps={num_steps}" if num_steps > 1 else "")
+            info = {"program": program, "sampling": describe(flags), "reason": reason}
+            other = self.compile_tracker.begin(key, info)
+            if other is not None:           # under way in another thread: its result (or, if it failed, ours)
+                logger.info("%s (%s sampling) is needed (%s): waiting for its compile under way", program,
+                            info["sampling"], reason)
+                other.wait()
+                fn = self._compiled.get(key)
+                continue
+            try:
+                fn = self._compile_program(key, kind, batch, sbatch, flags, num_steps, trace_lock, info)
+            finally:
+                self.compile_tracker.end(key)
+        return fn
+
+    def _compile_program(self, key, kind, batch, sbatch, flags, num_steps, trace_lock, info):
+        rows = np.shape(batch["logits_index" if kind == "det" else "context_lens"])[0]
+        tokens = np.shape(batch["input_ids"])[0]
+        fn, load_s = aot_cache.timed_load(self._aot_store, key)
+        if fn is not None:
+            logger.info("loaded %s S=%d T=%d steps=%d from the compiled-program store in %.2f s", kind, rows,
+                        tokens, num_steps, load_s)
             with self._compile_lock:
                 self._compiled[key] = fn
-                # (kind, S, T, steps, trace+lower s, compile s); a compile of ~0.1 s is a persistent-cache hit
-                self.compile_log.append((kind, rows, tokens, num_steps, t1 - t0, t2 - t1))
-            logger.info("compiled %s S=%d T=%d steps=%d: trace+lower %.2f s, compile %.2f s", kind, rows, tokens,
-                        num_steps, t1 - t0, t2 - t1)
-            if self._aot_store is not None and aot_cache.may_save(aot_cache.persistent_cache_hits() > hits0):
-                self._aot_store.save(key, fn)
+                self.compile_log.append((kind, rows, tokens, num_steps, 0.0, load_s))
+            return fn
+        logger.info("compiling %s (%s sampling): %s", info["program"], info["sampling"], info["reason"])
+        t0 = time.perf_counter()
+        with trace_lock or contextlib.nullcontext():     # background: one thread holds the GIL tracing
+            if kind == "multi":
+                lowered = self._multi_step_fn.lower(self.params, self.kv_caches, batch, sbatch, flags=flags,
+                                                    num_steps=num_steps)
+            elif kind == "det":
+                lowered = self._det_step_fn.lower(self.params, self.kv_caches, batch, sbatch, flags=flags)
+            elif kind == "det_multi":
+                lowered = self._det_multi_step_fn.lower(self.params, self.kv_caches, batch, sbatch, flags=flags,
+                                                        num_steps=num_steps)
+            else:
+                lowered = self._step_fn.lower(self.params, self.kv_caches, batch, sbatch,
+                                              decode=(kind == "decode"), flags=flags)
+        t1 = time.perf_counter()
+        hits0 = aot_cache.persistent_cache_hits() if self._aot_store is not None else 0
+        fn = (lowered.compile(compiler_options=self.det.compiler_options) if kind in deterministic.KINDS
+              else lowered.compile())
+        t2 = time.perf_counter()
+        with self._compile_lock:
+            self._compiled[key] = fn
+            # (kind, S, T, steps, trace+lower s, compile s); a compile of ~0.1 s is a persistent-cache hit
+            self.compile_log.append((kind, rows, tokens, num_steps, t1 - t0, t2 - t1))
+        logger.info("compiled %s S=%d T=%d steps=%d: trace+lower %.2f s, compile %.2f s (%s sampling; %s)", kind,
+                    rows, tokens, num_steps, t1 - t0, t2 - t1, info["sampling"], info["reason"])
+        if self._aot_store is not None and aot_cache.may_save(aot_cache.persistent_cache_hits() > hits0):
+            self._aot_store.save(key, fn)
         return fn
 
     # ------------------------------------------------------------------ block copies / swap
@@ -566,11 +613,13 @@ class ModelRunner:
             batch = self.det.fused_inputs(batch, 0)
         return batch, sbatch, flags, K
 
-    def _compile_shape(self, shape, trace_lock=None) -> None:
+    def _compile_shape(self, shape, trace_lock=None, reason: str = "warm-up") -> None:
         kind, T, S = shape
         batch, sbatch, flags, K = self._dummy_inputs(kind, T, S)
-        base = kind.partition("+")[0]
-        self.compiled(base, batch, sbatch, flags, K, trace_lock=trace_lock)
+        base, _, variant = kind.partition("+")
+        if variant:
+            reason = f"background: the {variant} variant, first wanted by a step"
+        self.compiled(base, batch, sbatch, flags, K, trace_lock=trace_lock, reason=reason)
         with self._compile_lock:
             self._first_runs.append((base, batch, sbatch, flags, K))
             self._ready.add((kind, T if kind == "prefill" else S))
@@ -635,11 +684,14 @@ class ModelRunner:
         (BACKGROUND_GRACE_S after the warm-up) is over (tracing and lowering hold the GIL, which the serving loop
         needs), or after `max_defer_s` at the latest; one background compile traces/lowers at a time (their XLA
         compiles, which release the GIL, still overlap)."""
+        self._wait_for_idle(idle_s, max_defer_s)
+        self._compile_shape(shape, trace_lock=self._background_trace_lock, reason="warm-up (background)")
+
+    def _wait_for_idle(self, idle_s: float = 0.25, max_defer_s: float = 5.0) -> None:
         deadline = time.monotonic() + max_defer_s
         while time.monotonic() < deadline and (time.monotonic() - self._last_step_t < idle_s
                                                or time.monotonic() < self._background_not_before):
             time.sleep(0.02)
-        self._compile_shape(shape, trace_lock=self._background_trace_lock)
 
     def wait_for_warmup(self) -> None:
         """Block until background bucket compilation (if any) has finished."""
