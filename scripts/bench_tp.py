@@ -80,9 +80,8 @@ def configs(tp_sizes: List[int], heads: List[str], num_devices: int) -> List[Dic
 
 def build_llm(path: str, tp: int, head: str, args):
     """An LLM for one configuration (bf16, compiles lazily: the untimed passes compile what they meet)."""
-    from yaie_jax import LLM, parallel
-    parallel.HEAD_LAYOUT = head
-    return LLM(path, dtype="bfloat16", tensor_parallel_size=tp, max_num_seqs=args.max_num_seqs,
+    from yaie_jax import LLM
+    return LLM(path, dtype="bfloat16", tensor_parallel_size=tp, tp_head_layout=head, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, num_decode_steps=args.num_decode_steps,
                max_model_len=args.max_model_len, attention_backend=args.attention_backend,
                gpu_memory_utilization=args.gpu_memory_utilization, warmup=args.engine_warmup)

@@ -33,7 +33,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(model_dir):
     from yaie_jax.engine import LLMEngine
-    return LLMEngine(model=model_dir, **ENGINE)
+    return LLMEngine(model=model_dir, compiled_program_store=True, **ENGINE)     # (off by default on the CPU)
 
 
 def _inputs(runner, kind, T, S, seed=0):
@@ -108,15 +108,44 @@ def test_fingerprint_follows_what_decides_programs(engine, tmp_path, monkeypatch
 
 
 def test_off_switches(engine, tmp_path, monkeypatch):
+    """The engine argument compiled_program_store, as its environment alias YAIE_AOT_CACHE sets it (read when an
+    EngineConfig is made: config.env_default)."""
+    from yaie_jax.config import EngineConfig
+    runner = engine.runner
+
+    def store_for_env(value):
+        if value is None:
+            monkeypatch.delenv("YAIE_AOT_CACHE", raising=False)
+        else:
+            monkeypatch.setenv("YAIE_AOT_CACHE", value)
+        setting = EngineConfig().compiled_program_store
+        monkeypatch.setattr(runner, "config", dataclasses.replace(runner.config, compiled_program_store=setting))
+        return ExecutableStore.for_runner(runner, cache_dir=str(tmp_path))
+
     assert ExecutableStore.for_runner(engine.runner) is None                 # no compile_cache_dir
-    monkeypatch.setenv("YAIE_AOT_CACHE", "0")
-    assert ExecutableStore.for_runner(engine.runner, cache_dir=str(tmp_path)) is None
-    monkeypatch.setenv("YAIE_AOT_CACHE", "off")
-    assert ExecutableStore.for_runner(engine.runner, cache_dir=str(tmp_path)) is None
-    monkeypatch.delenv("YAIE_AOT_CACHE")                     # unset: on for a GPU backend, off on the CPU
-    assert ExecutableStore.for_runner(engine.runner, cache_dir=str(tmp_path)) is None
+    assert store_for_env("0") is None
+    assert store_for_env("off") is None
+    assert store_for_env(None) is None                       # unset: on for a GPU backend, off on the CPU
     monkeypatch.setattr(aot_cache, "default_on", lambda: True)
-    assert ExecutableStore.for_runner(engine.runner, cache_dir=str(tmp_path)) is not None
+    assert store_for_env(None) is not None
+
+
+def test_store_follows_the_engine_argument(engine, tmp_path, monkeypatch):
+    runner = engine.runner
+    for setting, on in ((False, False), (True, True), (None, False)):      # None: off on the CPU backend
+        monkeypatch.setattr(runner, "config", dataclasses.replace(runner.config, compiled_program_store=setting))
+        assert (ExecutableStore.for_runner(runner, cache_dir=str(tmp_path)) is not None) == on
+
+
+def test_fingerprint_has_the_head_layout_not_the_cache_log_and_hub_knobs(engine, tmp_path, monkeypatch):
+    runner = engine.runner
+    config = runner.config
+    monkeypatch.setattr(aot_cache, "default_on", lambda: True)        # so that compiled_program_store=None is on
+    base = ExecutableStore.for_runner(runner, cache_dir=str(tmp_path)).digest
+    for change, same in (({"tp_head_layout": "vocab"}, False), ({"log_compiles": 2}, True),
+                         ({"hub_timeout_s": 1.5}, True), ({"compiled_program_store": None}, True)):
+        monkeypatch.setattr(runner, "config", dataclasses.replace(config, **change))
+        assert (ExecutableStore.for_runner(runner, cache_dir=str(tmp_path)).digest == base) == same, change
 
 
 def test_fingerprint_is_the_same_in_two_processes(model_dir, tmp_path):

@@ -12,23 +12,18 @@ straight to `deserialize_and_load`:
 
 The fingerprint (one directory per fingerprint under `<compile_cache_dir>/yaie_aot/`) covers: the jax and jaxlib
 versions, the backend, device kind, platform version and device count, every jax.config value (cache and logging
-settings aside), the JAX_*/XLA_*/YAIE_TP_* environment variables, the source of the yaie_jax and pallas_kernels
-packages (any code change starts a new directory), the model config, the engine config, the resolved attention
-backend and mesh, and the shapes, dtypes and shardings of the params and the KV pool. The program key adds the
+settings aside), the JAX_*/XLA_*/LIBTPU_* environment variables, the source of the yaie_jax and pallas_kernels
+packages (any code change starts a new directory), the model config, the engine config (its fields that reach a
+program: `tp_head_layout` among them, not the cache, logging or hub settings), the resolved attention backend and
+mesh, and the shapes, dtypes and shardings of the params and the KV pool. The program key adds the
 runner's own key (kind, sampling flags, fused steps, input shapes). A loaded program also checks its arguments'
 shapes and dtypes on every call (jax.stages.Compiled). Entries are pickles: load them only from a directory you
 trust, as JAX's own cache.
 
-On by default on a GPU wherever the engine has a compile cache directory (off on the CPU, see `default_on`);
-YAIE_AOT_CACHE=0 / 1 turns it off / on. Multi-process
-(jax.distributed) runs never use it. On the GPU (H200, jax 0.11.2) a warm server start with it took 9.7 s to the
-first answer, against 19.7 s with JAX's persistent cache alone (bench/NOTES.md §12).
-History: at first a program holding Mosaic GPU kernels could not be loaded in a process that had not yet compiled
-a Mosaic kernel itself ("Symbols not found: mosaic_gpu_init_tma_desc, mosaic_gpu_launch_kernel"). A Mosaic GPU
-custom call JIT-links its kernel's host code against the library named by MOSAIC_GPU_RUNTIME_LIB_PATH, which
-importing `jax.experimental.mosaic.gpu` sets (lowering a Pallas kernel imports it; loading an executable does
-not). `prepare_backend` sets it once, under a lock, when the store is made (a first fix imported it lazily from
-`load`, and warm-up threads raced past that import and failed the same way).
+On by default on a GPU wherever the engine has a compile cache directory (off on the CPU, see `default_on`); the
+engine argument `compiled_program_store` (True / False; None: that default; environment alias YAIE_AOT_CACHE)
+turns it on or off. Multi-process (jax.distributed) runs never use it. A process loads programs holding Mosaic GPU
+kernels only after `prepare_backend` has pointed the Mosaic GPU custom call at its runtime library.
 """
 from __future__ import annotations
 
@@ -47,10 +42,9 @@ from typing import Any, Iterable, Optional
 
 logger = logging.getLogger("yaie_jax.aot_cache")
 
-ENV = "YAIE_AOT_CACHE"
 SUBDIR = "yaie_aot"
 KEEP_FINGERPRINTS = 4          # older fingerprint directories are removed when a new one is created
-ENV_PREFIXES = ("JAX_", "XLA_", "YAIE_TP_", "LIBTPU_")
+ENV_PREFIXES = ("JAX_", "XLA_", "LIBTPU_")
 # jax.config values that do not change what a program computes or how it is compiled
 VOLATILE_JAX_CONFIG = {"jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
                        "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size",
@@ -60,14 +54,15 @@ VOLATILE_JAX_CONFIG = {"jax_compilation_cache_dir", "jax_persistent_cache_min_co
 VOLATILE_ENV = {"JAX_COMPILATION_CACHE_DIR", "JAX_LOG_COMPILES", "JAX_EXPLAIN_CACHE_MISSES", "JAX_LOGGING_LEVEL",
                 "JAX_DEBUG_LOG_MODULES", "JAX_DUMP_IR_TO", "JAX_DUMP_IR_MODES", "JAX_INCLUDE_DEBUG_INFO_IN_DUMPS"}
 # EngineConfig fields that do not reach a compiled program
-VOLATILE_ENGINE_FIELDS = {"compile_cache_dir", "served_model_name", "warmup"}
+VOLATILE_ENGINE_FIELDS = {"compile_cache_dir", "compiled_program_store", "log_compiles", "hub_timeout_s",
+                          "served_model_name", "warmup"}
 PACKAGES = ("yaie_jax", "pallas_kernels")
 
 
 def default_on() -> bool:
-    """The store's default where YAIE_AOT_CACHE is not set: on for a GPU backend only. On the CPU a program
-    loaded in a fresh process failed on its first call (jax 0.10.2, SmolLM2 via `make serve`: "NOT_FOUND:
-    Function wrapped_iota not found": see `may_save`), and the CPU backend compiles lazily anyway."""
+    """The store's default where `compiled_program_store` is None: on for a GPU backend only. On the CPU a
+    program loaded in a fresh process can fail on its first call ("NOT_FOUND: Function wrapped_iota not found":
+    see `may_save`), and the CPU backend compiles lazily anyway."""
     import jax
     return jax.default_backend() == "gpu"
 
@@ -100,20 +95,17 @@ def may_save(from_persistent_cache: bool) -> bool:
     cache answered its compile: an XLA:CPU executable loaded from that cache and serialized again lacks its
     functions' code, so a fresh process that loads it fails on its first call ("NOT_FOUND: Function wrapped_iota
     not found", jax 0.10.2; reproduced by tests/test_aot_cache.py with three processes). On the GPU such programs
-    load and run (H200, jax 0.11.2: session 6, device call 7, whose last runs loaded programs stored from
-    persistent-cache hits), and storing them is what keeps a restart after a code change fast."""
+    load and run (bench/NOTES.md), and storing them is what keeps a restart after a code change fast."""
     if not from_persistent_cache:
         return True
     import jax
     return jax.default_backend() != "cpu"
 
 
-def enabled() -> bool:
-    """YAIE_AOT_CACHE=1 / 0 (true/false, yes/no, on/off) turns the store on or off; unset: `default_on()`."""
-    value = os.environ.get(ENV)
-    if value is None or not value.strip():
-        return default_on()
-    return value.strip().lower() not in ("0", "false", "no", "off")
+def enabled(setting: Optional[bool]) -> bool:
+    """Whether the store is on for the engine argument `compiled_program_store`: True / False, or None for
+    `default_on()`."""
+    return default_on() if setting is None else bool(setting)
 
 
 _backend_prepared = False
@@ -126,8 +118,8 @@ def prepare_backend() -> None:
     threads calling it meanwhile wait until it is done). On a GPU: point the Mosaic GPU custom call at its runtime
     library (MOSAIC_GPU_RUNTIME_LIB_PATH, which importing `jax.experimental.mosaic.gpu` sets): loading a program
     JIT-links each kernel's host code, and without the library the link fails ("Symbols not found:
-    mosaic_gpu_init_tma_desc, mosaic_gpu_launch_kernel"). A Mosaic compile in the process sets it too, which is
-    why loads after one worked (H200, jax 0.11.2) and loads racing the first import did not."""
+    mosaic_gpu_init_tma_desc, mosaic_gpu_launch_kernel"). A Mosaic compile in the process sets it too, but warm-up
+    threads that load programs must not race the first import: hence once, under a lock, before they start."""
     global _backend_prepared
     with _backend_lock:
         if _backend_prepared:
@@ -228,10 +220,11 @@ class ExecutableStore:
     @classmethod
     def for_runner(cls, runner, cache_dir: Optional[str] = None) -> Optional["ExecutableStore"]:
         """The store of a ModelRunner's programs (call it once the params and KV pool are placed), under
-        `cache_dir` (default: the engine's compile_cache_dir), or None when off: no directory, YAIE_AOT_CACHE=0,
-        several processes, or a failure to build the fingerprint."""
+        `cache_dir` (default: the engine's compile_cache_dir), or None when off: no directory, the engine argument
+        `compiled_program_store` False (or None on the CPU: `default_on`), several processes, or a failure to
+        build the fingerprint."""
         cache_dir = cache_dir or getattr(runner.config, "compile_cache_dir", None)
-        if not cache_dir or not enabled():
+        if not cache_dir or not enabled(getattr(runner.config, "compiled_program_store", None)):
             return None
         try:
             import jax

@@ -1,22 +1,89 @@
-"""Engine configuration: one dataclass, one place that validates.
+"""Engine configuration: one dataclass, one place that validates, one place that reads the environment.
 
 Engine args use vLLM's names where one exists. Invalid values raise `ValueError` naming the argument.
-(Server settings and the YAML file < env vars < CLI flags layering live beside this, in the server's config.)
+(Server settings and the YAML file < env vars < CLI flags layering live beside this, in server/settings.py.)
+
+Environment variables. A few knobs were environment variables before they were fields; those variables still
+work, as aliases (`ENV_ALIASES`), and are read here only, by `env_default`:
+  * the defaults of those `EngineConfig` fields call it, so `LLM(...)` in a process with, say,
+    `YAIE_TP_HEAD=vocab` gets `tp_head_layout="vocab"` (an argument passed explicitly wins);
+  * the server's settings layering (server/settings.py) reads the same aliases from the environment it is given,
+    in its environment layer (a `YAIE_<FIELD>` variable wins over an alias of the same field);
+  * library functions that take one of these knobs without an `EngineConfig` (`parallel.make_tp_placement`,
+    `models.loader.load_model`, `engine.setup_compile_cache`) default to `env_default` of it as well.
+The engine passes its config's values down explicitly; no other module reads these variables.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 SCHEDULING_POLICIES = ("fcfs", "priority", "fair", "latency")
 PREEMPTION_MODES = ("swap", "recompute")
 ATTENTION_BACKENDS = ("auto", "xla", "pallas")
 DTYPES = ("auto", "bfloat16", "float16", "float32")   # auto: yaie_jax/models/dtype_policy.py
+TP_HEAD_LAYOUTS = ("replicated", "vocab")      # LM head / token embedding under tensor parallelism (parallel.py)
+LOG_COMPILES_LEVELS = (0, 1, 2)                # off, compiles + persistent-cache hits, + cache-key hashes
+_OFF_WORDS = ("", "0", "false", "no", "off")
 
 
-def default_compile_cache_dir() -> str:
-    return os.environ.get("YAIE_COMPILE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "yaie_jax", "xla"))
+def parse_switch(text: str) -> Optional[bool]:
+    """An on/off environment value: empty -> None (unset), 0/false/no/off -> False, anything else -> True."""
+    text = text.strip().lower()
+    return None if not text else text not in _OFF_WORDS
+
+
+def _parse_log_compiles(text: str) -> int:
+    """YAIE_LOG_COMPILE_CACHE: empty/0/false/no/off -> 0, "2" -> 2, anything else -> 1."""
+    text = text.strip().lower()
+    return 0 if text in _OFF_WORDS else 2 if text == "2" else 1
+
+
+def _parse_tp_head_layout(text: str) -> str:
+    """YAIE_TP_HEAD: empty -> "replicated"; otherwise one of TP_HEAD_LAYOUTS."""
+    name = text.strip() or "replicated"
+    if name not in TP_HEAD_LAYOUTS:
+        raise ValueError(f"must be one of {TP_HEAD_LAYOUTS}")
+    return name
+
+
+def _builtin_compile_cache_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "yaie_jax", "xla")
+
+
+# field -> (the environment variable that set it before it was a field, its parser, the built-in default)
+ENV_ALIASES: Dict[str, Tuple[str, Callable[[str], Any], Callable[[], Any]]] = {
+    "compile_cache_dir": ("YAIE_COMPILE_CACHE_DIR", str, _builtin_compile_cache_dir),
+    "tp_head_layout": ("YAIE_TP_HEAD", _parse_tp_head_layout, lambda: "replicated"),
+    "compiled_program_store": ("YAIE_AOT_CACHE", parse_switch, lambda: None),
+    "log_compiles": ("YAIE_LOG_COMPILE_CACHE", _parse_log_compiles, lambda: 0),
+    "hub_timeout_s": ("YAIE_HUB_TIMEOUT_S", float, lambda: 10.0),
+}
+
+
+def builtin_default(field: str) -> Any:
+    """The default of an environment-backed field when its variable is not set."""
+    return ENV_ALIASES[field][2]()
+
+
+def env_default(field: str, environ: Optional[Mapping[str, str]] = None) -> Any:
+    """The default of an environment-backed field (`ENV_ALIASES`): its variable in `environ` (default:
+    os.environ) parsed, or the built-in default where the variable is not set. A value that does not parse
+    raises ValueError naming the variable."""
+    var, parse, _ = ENV_ALIASES[field]
+    environ = os.environ if environ is None else environ
+    if var not in environ:
+        return builtin_default(field)
+    try:
+        return parse(environ[var])
+    except ValueError as e:
+        raise ValueError(f"invalid environment variable {var}={environ[var]!r} (engine argument {field}): {e}") \
+            from None
+
+
+def _from_env(field: str):
+    return dataclasses.field(default_factory=lambda: env_default(field))
 
 
 @dataclasses.dataclass
@@ -40,18 +107,27 @@ class EngineConfig:
     preemption_mode: str = "swap"               # swap when the host pool has room, else recompute
     attention_backend: str = "auto"             # auto: pallas on GPU, xla elsewhere
     tensor_parallel_size: int = 1
+    tp_head_layout: str = _from_env("tp_head_layout")   # LM head and token embedding under TP: "replicated"
+                                                # or "vocab"-split (parallel.py; YAIE_TP_HEAD)
     target_itl_ms: Optional[float] = None       # adaptive decode batch to hold this inter-token latency
     num_decode_steps: Optional[int] = None      # decode steps fused in one device call when nothing waits
                                                 # (None: 8 on a GPU, 1 on the CPU; defaults.py)
     async_scheduling: bool = True               # dispatch fused call i+1 before reading call i's tokens
     pipelined_prefill: bool = False             # dispatch the next prompt step before reading a prompt-only one
-                                                # (off: W4's TTFT ratio 0.35 with it vs 0.30, W3's p99 TTFT
-                                                # 28.5 vs 23.5 ms on an H200; bench/NOTES.md §15)
+                                                # (off: it raised W4's TTFT ratio and W3's p99 TTFT; bench/NOTES.md)
     cascade_attention: bool = True              # decode reads prefixes shared by sequences once (pallas backend)
     deterministic: bool = False                 # batch-invariant steps: a request's tokens and logprobs do not
                                                 # depend on the rest of the batch, prefix-cache hits, chunking or
                                                 # preemption (yaie_jax/deterministic.py); cascade attention off
-    compile_cache_dir: Optional[str] = dataclasses.field(default_factory=default_compile_cache_dir)
+    # JAX's persistent compilation cache; None or "": off (default ~/.cache/yaie_jax/xla; YAIE_COMPILE_CACHE_DIR)
+    compile_cache_dir: Optional[str] = _from_env("compile_cache_dir")
+    # the compiled step programs stored under compile_cache_dir (aot_cache.py); None: on for a GPU backend, off
+    # on the CPU (YAIE_AOT_CACHE)
+    compiled_program_store: Optional[bool] = _from_env("compiled_program_store")
+    # 1: log every XLA compile and whether JAX's persistent cache had it; 2: also each cache-key component's hash
+    # (engine.setup_compile_logging; YAIE_LOG_COMPILE_CACHE)
+    log_compiles: int = _from_env("log_compiles")
+    hub_timeout_s: float = _from_env("hub_timeout_s")   # bound on a load's first HF hub request (models/loader.py)
     warmup: bool = True                         # compile every bucket at start-up
     gc_freeze: bool = True                      # move start-up's objects out of the collector's reach (gc_pause)
     gc_gen0_threshold: int = 20_000             # allocations between young collections while an engine lives
@@ -96,6 +172,16 @@ class EngineConfig:
             bad("target_itl_ms", "must be > 0 or None")
         if not isinstance(self.deterministic, bool):
             bad("deterministic", "must be a boolean")
+        if self.tp_head_layout not in TP_HEAD_LAYOUTS:
+            bad("tp_head_layout", f"must be one of {TP_HEAD_LAYOUTS}")
+        if not (self.compiled_program_store is None or isinstance(self.compiled_program_store, bool)):
+            bad("compiled_program_store", "must be True, False or None (on for a GPU backend)")
+        if not isinstance(self.log_compiles, int) or isinstance(self.log_compiles, bool) \
+                or self.log_compiles not in LOG_COMPILES_LEVELS:
+            bad("log_compiles", f"must be one of {LOG_COMPILES_LEVELS}")
+        if isinstance(self.hub_timeout_s, bool) or not isinstance(self.hub_timeout_s, (int, float)) \
+                or not self.hub_timeout_s > 0:
+            bad("hub_timeout_s", "must be a number of seconds > 0")
         if not isinstance(self.gc_gen0_threshold, int) or self.gc_gen0_threshold < 0:
             bad("gc_gen0_threshold", "must be a non-negative integer")
         if not isinstance(self.num_processes, int) or self.num_processes < 1:

@@ -255,6 +255,7 @@ def _fingerprint(runner) -> dict:
     return {"num_gpu_blocks": int(runner.num_gpu_blocks), "kv_shape": list(runner.kv_shape()),
             "max_blocks_per_seq": int(runner.max_blocks_per_seq), "dtype": str(runner.config.dtype),
             "tensor_parallel_size": int(runner.config.tensor_parallel_size),
+            "tp_head_layout": str(runner.config.tp_head_layout),
             "attention_backend": str(runner.attention_backend), "block_size": int(runner.block_size),
             "num_layers": int(runner.mc.num_layers), "vocab_size": int(runner.mc.vocab_size)}
 

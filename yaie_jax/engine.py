@@ -13,7 +13,6 @@ import dataclasses
 import itertools
 import logging
 import operator
-import os
 import time
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence as Seq, Union
 
@@ -22,7 +21,7 @@ import numpy as np
 
 from . import distributed, gc_pause, prompt_logprobs, sampling
 from .cache import BlockManager
-from .config import EngineConfig
+from .config import EngineConfig, env_default
 from .detokenizer import CONTEXT_TOKENS, IncrementalDetokenizer, decode_token, final_texts
 from .errors import ContextLengthError, InvalidRequestError
 from .outputs import CompletionOutput, Logprob, RequestOutput
@@ -34,9 +33,6 @@ from .sequence import Request, Sequence, SeqStatus
 logger = logging.getLogger("yaie_jax.engine")
 
 PromptType = Union[str, List[int]]
-
-
-COMPILE_LOG_ENV = "YAIE_LOG_COMPILE_CACHE"
 
 
 class _MessageFilter(logging.Filter):
@@ -56,43 +52,45 @@ class _MessageFilter(logging.Filter):
 _compile_logging_done = False
 
 
-def setup_compile_logging(level: Optional[str] = None) -> None:
-    """With YAIE_LOG_COMPILE_CACHE=1 (or `level`), log through the `logging` handlers every XLA compile
+def setup_compile_logging(level: Optional[int] = None) -> None:
+    """At `level` 1 (the engine argument `log_compiles`; None: its default, config.env_default, whose environment
+    alias is YAIE_LOG_COMPILE_CACHE), log through the `logging` handlers every XLA compile
     (jax._src.dispatch "Finished XLA compilation of <name> in <s> sec") and, for each, whether JAX's persistent
     cache had it (jax._src.compiler "Persistent compilation cache hit" / "PERSISTENT COMPILATION CACHE MISS",
     and why a compiled program was not written: "Not writing persistent cache entry ..."). With 2, also the hash
     of each cache-key component (jax._src.cache_key "get_cache_key hash of serialized <component>: <hash>", and
     the XLA flags that enter the key), to tell which component differs between two processes on a miss
-    (`scripts/bench_startup.py` summarizes this). Messages are at DEBUG; only those loggers are lowered."""
+    (`scripts/bench_startup.py` summarizes this). Messages are at DEBUG; only those loggers are lowered. Once per
+    process: the first call that turns it on decides the level."""
     global _compile_logging_done
-    level = os.environ.get(COMPILE_LOG_ENV, "") if level is None else str(level)
-    if level.strip().lower() in ("", "0", "false", "no", "off") or _compile_logging_done:
+    level = env_default("log_compiles") if level is None else int(level)
+    if not level or _compile_logging_done:
         return
     _compile_logging_done = True
     wanted = {"jax._src.compiler": ("persistent compilation cache", "persistent cache entry"),
               "jax._src.dispatch": ("finished xla compilation",),
               "jax._src.compilation_cache": ("cache",)}
-    if level.strip() == "2":
+    if level >= 2:
         wanted["jax._src.cache_key"] = ("get_cache_key hash of serialized", "xla flag in cache key")
     for name, needles in wanted.items():
         lg = logging.getLogger(name)
         lg.setLevel(logging.DEBUG)
         lg.addFilter(_MessageFilter(*needles))
-    logger.info("compile logging on (%s=%s): XLA compiles and persistent-cache hits/misses are logged",
-                COMPILE_LOG_ENV, level)
+    logger.info("compile logging on (log_compiles=%d): XLA compiles and persistent-cache hits/misses are logged",
+                level)
 
 
-def setup_compile_cache(cache_dir: Optional[str]) -> None:
-    """Turn on JAX's persistent compilation cache, so restarts skip XLA compiles (see `setup_compile_logging`
-    to see which programs hit it)."""
-    setup_compile_logging()
+def setup_compile_cache(cache_dir: Optional[str], log_compiles: Optional[int] = None) -> None:
+    """Turn on JAX's persistent compilation cache, so restarts skip XLA compiles, and compile logging at
+    `log_compiles` (see `setup_compile_logging`, to see which programs hit the cache)."""
+    setup_compile_logging(log_compiles)
     if not cache_dir:
         return
     import jax
     try:
         jax.config.update("jax_compilation_cache_dir", cache_dir)
         # every program, however quick to compile: a small one compiled while serving (block copies, the first
-        # pipelined decode's token gather, the KV pool's zeros) costs ~0.05-0.3 s on a GPU, a cache read a few ms
+        # pipelined decode's token gather, the KV pool's zeros) costs more to compile than to read back
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     except Exception as e:  # pragma: no cover - depends on the jax build
@@ -119,7 +117,8 @@ class LLMEngine:
             config = EngineConfig(**engine_args)
         elif engine_args:
             raise ValueError("pass either an EngineConfig or engine arguments, not both")
-        setup_compile_cache(config.compile_cache_dir)
+        setup_compile_cache(config.compile_cache_dir, config.log_compiles)
+        gc_pause.install_pause_meter()        # process-wide collector-pause meter (get_stats()["gc"]); idempotent
         distributed.initialize_for(config)     # multi-host: jax.distributed before any device use
 
         from .models.dtype_policy import resolve_dtype
@@ -139,10 +138,11 @@ class LLMEngine:
         if config.skip_tokenizer_init:                 # token ids only: no tokenizer at all
             tokenizer_future = tokenizer_pool.submit(lambda: None)
         else:
-            tokenizer_future = tokenizer_pool.submit(load_tokenizer, config.tokenizer or source)
+            tokenizer_future = tokenizer_pool.submit(load_tokenizer, config.tokenizer or source,
+                                                     hub_timeout_s=config.hub_timeout_s)
         tokenizer_pool.shutdown(wait=False)
         try:
-            self.model = load_model(source, dtype=config.dtype)
+            self.model = load_model(source, dtype=config.dtype, hub_timeout_s=config.hub_timeout_s)
         except BaseException:
             tokenizer_future.cancel()
             raise
@@ -160,7 +160,7 @@ class LLMEngine:
         if config.tensor_parallel_size > 1:
             from .parallel import group_fused_qkv, make_tp_placement
             self.model = group_fused_qkv(self.model, config.tensor_parallel_size)
-            placement = make_tp_placement(self.model, config.tensor_parallel_size)
+            placement = make_tp_placement(self.model, config.tensor_parallel_size, head=config.tp_head_layout)
         else:
             placement = {}
         t0 = time.perf_counter()
@@ -687,7 +687,7 @@ class LLMEngine:
         stats["num_pipelined_calls"] = self._num_pipelined_calls
         stats["num_pipelined_prefill_calls"] = self._num_pipelined_prefill_calls
         stats["host_time_s"] = dict(self.host_time_s)
-        stats["gc"] = gc_pause.PAUSES.snapshot()           # process-wide collector pauses since import
+        stats["gc"] = gc_pause.PAUSES.snapshot()           # process-wide collector pauses since the first engine
         stats["host_time_s"].update({f"dispatch.{k}": v for k, v in self.runner.host_time_s.items()})
         log = list(self.runner.compile_log)
         stats["num_compiled_programs"] = len(log)

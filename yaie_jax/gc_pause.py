@@ -9,12 +9,12 @@ programs compiled later are done (`LLMEngine._freeze_gc_objects`); vLLM and SGLa
 
 `raise_gen0_threshold` spaces the young collections out. Python collects generation 0 every 700 net allocations of
 tracked objects; an engine step allocates more than that (rows, slot lists, outputs), so collections landed inside
-every step and walked objects the step was about to free anyway (W4 on the development CPU: 35 ms of collector
-pauses per pass). With a threshold of 20,000 most of those objects die by reference count before any collection
-sees them.
+every step and walked objects the step was about to free anyway (bench/NOTES.md). With a threshold of 20,000 most
+of those objects die by reference count before any collection sees them.
 
-`PAUSES` is the process-wide meter (one `gc.callbacks` hook, installed on import): collections per generation and
-the seconds they took.
+`PAUSES` is the process-wide meter: collections per generation and the seconds they took. Importing this module
+changes nothing; `install_pause_meter()` hooks `PAUSES` into `gc.callbacks` (the engine calls it when it starts;
+a second call does nothing).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from typing import Dict
 
 class GcPauseMeter:
     """Counts collections per generation, sums their wall-clock seconds and keeps the longest (process-wide, every
-    thread). Call it from `gc.callbacks`: `PAUSES` below is installed for the whole process; a tool measuring one
-    window may install its own (`scripts/host_trace.py`)."""
+    thread). Call it from `gc.callbacks`: `PAUSES` below, for the whole process (`install_pause_meter`); a tool
+    measuring one window may install its own (`scripts/host_trace.py`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -48,7 +48,7 @@ class GcPauseMeter:
             self.max_pause_s[gen] = max(self.max_pause_s.get(gen, 0.0), pause)
 
     def snapshot(self) -> dict:
-        """{"collections": {gen: count}, "pause_s": {gen: seconds}, "total_pause_s": seconds} since import."""
+        """{"collections": {gen: count}, "pause_s": {gen: seconds}, "total_pause_s": seconds} since installed."""
         with self._lock:
             return {"collections": dict(self.collections), "pause_s": dict(self.pause_s),
                     "total_pause_s": sum(self.pause_s.values())}
@@ -62,7 +62,16 @@ class GcPauseMeter:
 
 
 PAUSES = GcPauseMeter()
-gc.callbacks.append(PAUSES)
+_install_lock = threading.Lock()
+
+
+def install_pause_meter() -> GcPauseMeter:
+    """Hook `PAUSES` into `gc.callbacks` for the rest of the process (once: later calls change nothing) and
+    return it."""
+    with _install_lock:
+        if PAUSES not in gc.callbacks:
+            gc.callbacks.append(PAUSES)
+    return PAUSES
 
 
 def freeze_live_objects() -> int:

@@ -11,33 +11,28 @@ LM head and token embedding (`head_layout`): "replicated" (default) keeps them w
 "vocab" splits the embedding table `[V, D]` by row and an untied head `[D, V]` by column, so each device holds
 V/N rows and computes V/N logits; the embedding lookup becomes a masked lookup + an all-reduce of [T, D], and
 sampling works on the split logits (for greedy rows the CPU programs all-gather only the per-shard maxima
-[S, N]; other sampling may gather [S, V]). Pick it per engine with `make_tp_placement(..., head=...)`, the
-module variable `HEAD_LAYOUT` or the environment variable `YAIE_TP_HEAD` (the engine calls
-`make_tp_placement(model, tp)` without `head`). "vocab" needs V divisible by N (a JAX array sharding cannot be
-ragged): it is refused otherwise (GPT-2's 50257 is prime to 2 and 4; pad the vocabulary to 50304 as nanoGPT
-does). Replicated is the default until scripts/bench_tp.py shows vocab-parallel pays on the GPU.
+[S, N]; other sampling may gather [S, V]). Pick it per engine with the engine argument `tp_head_layout`, which
+the engine passes to `make_tp_placement(..., head=...)`. "vocab" needs V divisible by N (a JAX array sharding
+cannot be ragged): it is refused otherwise (GPT-2's 50257 is prime to 2 and 4; pad the vocabulary to 50304 as
+nanoGPT does). Replicated is the default because every vocabulary size allows it (scripts/bench_tp.py compares
+the two layouts on GPUs; bench/NOTES.md).
 
 Head counts: TP=N needs num_heads and num_kv_heads divisible by N (each shard owns whole heads and their KV).
 Other N are refused at start-up with a message naming the counts; padding or replicating heads would change
 what every shard computes and is left for later (GPT-2 XL's 25 heads: use TP=1 or 5; SmolLM2's 9/3 heads: TP=3).
 
 GPT-2's fused `attn_qkv` kernel `[D, 3D]` (columns q | k | v) split by column is not head-aligned (with N=2 the
-first shard holds all of q and half of k), so XLA re-lays q/k/v out by head before attention each layer; Llama's
-separate q/k/v projections are head-aligned. Correct either way, but GPT-2 pays extra communication.
+first shard would hold all of q and half of k, and XLA would re-lay q/k/v out by head in every layer), so
+`group_fused_qkv` regroups its columns per shard at start-up; Llama's separate q/k/v projections are head-aligned.
 
-Verified on 4 fake CPU devices (tests/parallel/test_tp.py, fp32, greedy): TP=2 and TP=4 give TP=1's tokens for
-GPT-2 (tied head, fused QKV) and Llama (GQA 8/4 heads, untied head) tiny configs -- with the "pallas" backend
-(the Mosaic GPU kernels in interpret mode, per shard under shard_map, against TP=1 with both backends), with the
-"xla" backend, and with the "vocab" head layout (XLA backend; the head layout does not touch attention); the
-params, KV pool and (for "vocab") embedding / untied head are checked to be split through their `.sharding`. The
-compiled CPU programs hold two all-reduces of [tokens, D] per layer (plus, for GPT-2, collective-permutes that
-re-lay the fused QKV out by head) and no gather of the KV pool. On GPUs: scripts/bench_tp.py (not yet run).
+tests/parallel/test_tp.py checks, on 4 fake CPU devices, that TP=2 and TP=4 give TP=1's greedy tokens (GPT-2 and
+Llama; Pallas kernels per shard and the XLA path; both head layouts), that the params, KV pool and vocab-split
+tables are split, and that the compiled programs hold no collectives beyond the Megatron all-reduces.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 import re
 from typing import Dict, Optional
 
@@ -45,9 +40,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .config import TP_HEAD_LAYOUTS as HEAD_LAYOUTS, env_default
+
 AXIS = "tp"
-HEAD_LAYOUTS = ("replicated", "vocab")
-HEAD_LAYOUT: Optional[str] = None        # None: $YAIE_TP_HEAD, else "replicated"
 
 # (regex on the "/"-joined param path, spec). First match wins; no match = replicated.
 RULES = [
@@ -72,8 +67,9 @@ def check_divisible(config, tp: int) -> None:
 
 
 def head_layout(head: Optional[str] = None) -> str:
-    """The LM head / embedding layout to use: `head`, else HEAD_LAYOUT, else $YAIE_TP_HEAD, else "replicated"."""
-    name = head or HEAD_LAYOUT or os.environ.get("YAIE_TP_HEAD") or "replicated"
+    """The LM head / embedding layout to use: `head`, else EngineConfig's default for `tp_head_layout`
+    ("replicated", or its environment alias YAIE_TP_HEAD: config.env_default)."""
+    name = head or env_default("tp_head_layout")
     if name not in HEAD_LAYOUTS:
         raise ValueError(f"unknown tensor-parallel head layout {name!r} (choose from {', '.join(HEAD_LAYOUTS)})")
     return name
@@ -112,8 +108,8 @@ def check_vocab_divisible(config, tp: int) -> None:
     if config.vocab_size % tp:
         raise ValueError(
             f"the vocab-parallel LM head needs vocab_size divisible by tensor_parallel_size, but "
-            f"{config.vocab_size} % {tp} != 0; use the replicated head (YAIE_TP_HEAD=replicated) or a checkpoint "
-            f"with a padded vocabulary")
+            f"{config.vocab_size} % {tp} != 0; use the replicated head (tp_head_layout='replicated') or a "
+            f"checkpoint with a padded vocabulary")
 
 
 def group_fused_qkv(model, tp: int):

@@ -28,7 +28,9 @@ DIRECT_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast",
 DIRECT_MODEL_TYPES = (None, "gpt2", "llama")
 
 
-def load_tokenizer(source):
+def load_tokenizer(source, hub_timeout_s: Optional[float] = None):
+    """The tokenizer of `source` (see the module docstring); `hub_timeout_s` bounds the first hub request of a
+    hub id (models/loader.py `hub_snapshot`)."""
     source = str(source)
     path = os.path.expanduser(source)
     if path.endswith(".gguf"):
@@ -36,7 +38,7 @@ def load_tokenizer(source):
         return load_gguf_tokenizer(path)
     from .models.loader import MARKER, TOKENIZER_SUBDIR, resolve_source
     if not os.path.exists(path):
-        path = resolve_source(source, patterns=None)  # hub id: config + tokenizer files only
+        path = resolve_source(source, patterns=None, hub_timeout_s=hub_timeout_s)  # hub id: config, tokenizer
     if os.path.exists(os.path.join(path, MARKER)):
         tok_dir = os.path.join(path, TOKENIZER_SUBDIR)
         if not os.path.isdir(tok_dir):

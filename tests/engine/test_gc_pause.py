@@ -1,12 +1,14 @@
 """The collector-pause meter counts every collection, and the start-up freeze keeps live objects out of later
 collections while a later freeze reclaims what died in between (no leak across engines in one process)."""
 import gc
+import subprocess
+import sys
 import weakref
 
 import numpy as np
 
 from yaie_jax import LLM, SamplingParams
-from yaie_jax.gc_pause import PAUSES, GcPauseMeter, freeze_live_objects, raise_gen0_threshold
+from yaie_jax.gc_pause import PAUSES, GcPauseMeter, freeze_live_objects, install_pause_meter, raise_gen0_threshold
 
 
 class Node:
@@ -15,6 +17,7 @@ class Node:
 
 
 def test_meter_counts_a_full_collection():
+    install_pause_meter()
     before = PAUSES.snapshot()
     gc.collect()
     gc.collect(0)
@@ -22,6 +25,27 @@ def test_meter_counts_a_full_collection():
     assert d["collections"][2] >= 1 and d["collections"][0] >= 1
     assert d["pause_s"][2] > 0 and abs(d["total_pause_s"] - sum(d["pause_s"].values())) < 1e-9
     assert 0 < PAUSES.max_pause_s[2] <= PAUSES.pause_s[2]
+
+
+def test_nothing_installed_on_import_and_installing_is_idempotent():
+    code = ("import gc, yaie_jax, yaie_jax.gc_pause as g, yaie_jax.engine; n = len(gc.callbacks); "
+            "assert g.PAUSES not in gc.callbacks; assert g.install_pause_meter() is g.PAUSES; "
+            "g.install_pause_meter(); assert gc.callbacks.count(g.PAUSES) == 1 and len(gc.callbacks) == n + 1; "
+            "print('OK')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
+
+
+def test_engine_installs_the_meter_once(gpt2_dir):
+    while PAUSES in gc.callbacks:              # (an earlier test or engine of this process installed it)
+        gc.callbacks.remove(PAUSES)
+    LLM(gpt2_dir, dtype="float32", attention_backend="xla", warmup=False, compile_cache_dir=None, max_num_seqs=4,
+        max_num_batched_tokens=64)
+    assert gc.callbacks.count(PAUSES) == 1
+    LLM(gpt2_dir, dtype="float32", attention_backend="xla", warmup=False, compile_cache_dir=None, max_num_seqs=4,
+        max_num_batched_tokens=64)
+    assert gc.callbacks.count(PAUSES) == 1
+    gc.unfreeze()
 
 
 def test_freeze_skips_live_objects_and_the_next_freeze_reclaims_the_dead():

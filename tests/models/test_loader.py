@@ -320,3 +320,31 @@ def test_hub_download_fetches_only_what_is_needed(monkeypatch, formats, tiny_gpt
     assert "*.safetensors" in downloads[0][2] and not any(".bin" in p for p in downloads[0][2])
     assert all(not any("safetensors" in p or ".bin" in p for p in d[2]) for d in downloads[1:])
     assert all("config.json" in d[2] and d[3] is None for d in downloads)
+
+
+def test_hub_timeout_argument_wins_and_the_engine_passes_its_own(monkeypatch, tiny_gpt2_dir):
+    """`hub_timeout_s` given to the loaders beats the environment alias; the engine passes its config's
+    `hub_timeout_s` to the model and the tokenizer loads."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False, raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("YAIE_HUB_TIMEOUT_S", "3")
+    timeouts = []
+
+    def model_info(self, repo_id, timeout=None, **kw):
+        timeouts.append(timeout)
+        names = ["config.json", "model.safetensors", "tokenizer.json"]
+        return types.SimpleNamespace(sha="0" * 40, siblings=[types.SimpleNamespace(rfilename=f) for f in names])
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: tiny_gpt2_dir)
+    load_model("org/m", dtype="float32", hub_timeout_s=1.5)
+    load_model_config("org/m", hub_timeout_s=2.5)
+    load_tokenizer("org/m", hub_timeout_s=0.5)
+    assert timeouts == [1.5, 2.5, 0.5]
+    del timeouts[:]
+    from yaie_jax.engine import LLMEngine
+    LLMEngine(model="org/m", dtype="float32", attention_backend="xla", warmup=False, compile_cache_dir=None,
+              max_num_seqs=2, max_num_batched_tokens=64, hub_timeout_s=4.5)
+    assert timeouts == [4.5, 4.5]                   # weights and tokenizer

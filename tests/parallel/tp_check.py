@@ -2,10 +2,10 @@
 
     python tp_check.py SEED MODEL_DIR RUNS [MODEL_DIR RUNS ...]
 
-One process for several models saves JAX's start-up per model. RUNS: comma-separated `backend:tp[:head]` (e.g. `xla:1,pallas:2,xla:4:vocab`); head is the LM head / embedding
-layout, "replicated" (default) or "vocab" (yaie_jax/parallel.py). Prints one line `RESULT{json}`: per model dir and run the
-greedy tokens, how the KV pool, the first QKV kernel, the token embedding and an untied head are split, and the
-wall time.
+One process for several models saves JAX's start-up per model. RUNS: comma-separated `backend:tp[:head]` (e.g.
+`xla:1,pallas:2,xla:4:vocab`); head is the LM head / embedding layout, "replicated" (default) or "vocab" (engine
+argument tp_head_layout, yaie_jax/parallel.py). Prints one line `RESULT{json}`: per model dir and run the greedy
+tokens, how the KV pool, the first QKV kernel, the token embedding and an untied head are split, and the wall time.
 """
 import json
 import re
@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from yaie_jax import LLM, SamplingParams, parallel
+from yaie_jax import LLM, SamplingParams
 
 # Interpret mode (the "pallas" backend on CPU) costs seconds per kernel call, so: 3 short prompts in one prefill
 # step, then one fused call of 2 decode steps (3 tokens each); 4 sequence slots keep the decode grid small.
@@ -32,10 +32,9 @@ def check_model(path, runs, rng):
     for run in runs:
         backend, tp, *head = run.split(":")
         tp = int(tp)
-        parallel.HEAD_LAYOUT = head[0] if head else "replicated"
         t0 = time.perf_counter()
         llm = LLM(path, dtype="float32", attention_backend=backend, warmup=False, compile_cache_dir=None,
-                  tensor_parallel_size=tp, max_num_batched_tokens=64, num_decode_steps=2,
+                  tensor_parallel_size=tp, tp_head_layout=head[0] if head else "replicated", max_num_batched_tokens=64, num_decode_steps=2,
                   max_model_len=64, max_num_seqs=4, num_gpu_blocks=16)
         outs = llm.generate(prompts, SP, use_tqdm=False)
         r = llm.engine.runner

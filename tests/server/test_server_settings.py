@@ -141,3 +141,44 @@ def test_print_config_cli_redacts_keys(cfg):
     bad = subprocess.run([sys.executable, "-m", "yaie_jax.serve", "--max-num-seqs", "x"], capture_output=True,
                          text=True, env=env, cwd=ROOT, timeout=60)
     assert bad.returncode == 2 and "--max-num-seqs" in bad.stderr
+
+
+def test_knobs_that_were_environment_variables(monkeypatch):
+    """tp_head_layout, compiled_program_store, log_compiles, hub_timeout_s, compile_cache_dir and the server's
+    startup_profile: fields with flags and YAIE_<FIELD> names, the old variable names still read as aliases (the
+    new name wins), and only from the `environ` given (never os.environ behind it)."""
+    for var in ("YAIE_TP_HEAD", "YAIE_AOT_CACHE", "YAIE_LOG_COMPILE_CACHE", "YAIE_HUB_TIMEOUT_S"):
+        monkeypatch.setenv(var, "2")                    # what a leak from os.environ would show
+    monkeypatch.setenv("YAIE_COMPILE_CACHE_DIR", "/leaked")
+    s = load_settings([], {})
+    assert (s.engine.tp_head_layout, s.engine.compiled_program_store, s.engine.log_compiles) == ("replicated", None, 0)
+    assert s.engine.hub_timeout_s == 10.0 and s.engine.compile_cache_dir.endswith(os.path.join("yaie_jax", "xla"))
+    assert s.server.startup_profile is False and s.sources == {}
+    old = {"YAIE_TP_HEAD": "vocab", "YAIE_AOT_CACHE": "off", "YAIE_LOG_COMPILE_CACHE": "true",
+           "YAIE_HUB_TIMEOUT_S": "2.5", "YAIE_COMPILE_CACHE_DIR": "", "YAIE_STARTUP_PROFILE": "1"}
+    s = load_settings([], old)
+    assert (s.engine.tp_head_layout, s.engine.compiled_program_store, s.engine.log_compiles) == ("vocab", False, 1)
+    assert (s.engine.hub_timeout_s, s.engine.compile_cache_dir, s.server.startup_profile) == (2.5, "", True)
+    assert s.sources["engine.tp_head_layout"] == "env:YAIE_TP_HEAD"
+    assert s.sources["engine.compiled_program_store"] == "env:YAIE_AOT_CACHE"
+    s = load_settings([], {**old, "YAIE_TP_HEAD_LAYOUT": "replicated", "YAIE_COMPILED_PROGRAM_STORE": "true",
+                           "YAIE_LOG_COMPILES": "2", "YAIE_STARTUP_PROFILE": ""})
+    assert (s.engine.tp_head_layout, s.engine.compiled_program_store, s.engine.log_compiles) == ("replicated", True, 2)
+    assert s.sources["engine.log_compiles"] == "env:YAIE_LOG_COMPILES" and s.server.startup_profile is False
+    s = load_settings(["--tp-head-layout", "vocab", "--no-compiled-program-store", "--log-compiles", "1",
+                       "--hub-timeout-s", "4", "--startup-profile"], old)
+    assert (s.engine.tp_head_layout, s.engine.compiled_program_store, s.engine.log_compiles) == ("vocab", False, 1)
+    assert s.engine.hub_timeout_s == 4.0 and s.server.startup_profile is True
+
+
+@pytest.mark.parametrize("argv,env,needle", [
+    ([], {"YAIE_TP_HEAD": "rows"}, "YAIE_TP_HEAD"),
+    (["--tp-head-layout", "rows"], {}, "--tp-head-layout"),
+    ([], {"YAIE_LOG_COMPILES": "3"}, "YAIE_LOG_COMPILES"),
+    ([], {"YAIE_HUB_TIMEOUT_S": "soon"}, "YAIE_HUB_TIMEOUT_S"),
+    (["--hub-timeout-s", "0"], {}, "--hub-timeout-s"),
+])
+def test_bad_former_environment_knobs_name_their_source(argv, env, needle):
+    with pytest.raises(ConfigError) as e:
+        load_settings(argv, env)
+    assert needle in str(e.value)

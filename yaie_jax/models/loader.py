@@ -12,7 +12,8 @@ Sources, tried in this order:
     model.safetensors.index.json, or pytorch_model.bin (also sharded with its index)
   * a HF hub id, through huggingface_hub's cache. With no network the cache is used; if the model is not
     there, an OSError names the id and the HF_HUB_OFFLINE setting. The first hub request is bounded by
-    YAIE_HUB_TIMEOUT_S (default 10 s), because huggingface_hub's own metadata request has no timeout.
+    `hub_timeout_s` (the engine argument; default: EngineConfig's, 10 s or its environment alias
+    YAIE_HUB_TIMEOUT_S), because huggingface_hub's own metadata request has no timeout.
 safetensors and GGUF are read straight into numpy (no torch at run time); only a .bin checkpoint needs torch.
 The architecture comes from config.json's `model_type` through models/registry.py.
 """
@@ -26,6 +27,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..config import env_default
 from .config import ModelConfig
 from .registry import family
 
@@ -33,7 +35,6 @@ MARKER = "yaie_model.json"           # in a save_model directory: the ModelConfi
 PARAMS_SUBDIR = "params"             # orbax checkpoint of the params pytree
 TOKENIZER_SUBDIR = "tokenizer"       # optional: the tokenizer, saved with save_pretrained
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-HUB_TIMEOUT_ENV = "YAIE_HUB_TIMEOUT_S"
 
 # Files fetched from the hub besides the weights (config, generation config, tokenizer files)
 HUB_META_PATTERNS = ["config.json", "generation_config.json", "tokenizer*", "vocab.json", "merges.txt",
@@ -82,17 +83,19 @@ def weight_patterns(files: List[str]) -> List[str]:
     return []
 
 
-def hub_snapshot(repo_id: str, patterns: Optional[Callable[[List[str]], List[str]]] = None) -> str:
+def hub_snapshot(repo_id: str, patterns: Optional[Callable[[List[str]], List[str]]] = None,
+                 hub_timeout_s: Optional[float] = None) -> str:
     """Local snapshot directory of hub repo `repo_id` with the config/tokenizer files and the files chosen by
     `patterns(repo_files)`. Uses the cache when offline or when the hub cannot be reached; raises OSError naming
-    the id and the offline setting when neither works."""
+    the id and the offline setting when neither works. The first request waits at most `hub_timeout_s` seconds
+    (None: EngineConfig's default)."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
     offline = _hub_offline()
     cause: Optional[BaseException] = None
     if not offline:
-        timeout_s = float(os.environ.get(HUB_TIMEOUT_ENV, "10"))
+        timeout_s = float(env_default("hub_timeout_s") if hub_timeout_s is None else hub_timeout_s)
         try:
             # Bounded preflight: snapshot_download's own repo_info request has no timeout and can hang for
             # minutes on a network that swallows packets.
@@ -148,16 +151,17 @@ def _first_line(e) -> str:
     return text.strip().splitlines()[0][:200] if text.strip() else ""
 
 
-def resolve_source(source: str, patterns: Optional[Callable[[List[str]], List[str]]] = weight_patterns) -> str:
+def resolve_source(source: str, patterns: Optional[Callable[[List[str]], List[str]]] = weight_patterns,
+                   hub_timeout_s: Optional[float] = None) -> str:
     """A local path for `source`: itself if it exists, else a hub snapshot (downloaded or cached) holding the
-    config, tokenizer and the files chosen by `patterns` (by default the weights)."""
+    config, tokenizer and the files chosen by `patterns` (by default the weights; `hub_snapshot`)."""
     source = str(source)
     path = os.path.expanduser(source)
     if os.path.exists(path):
         return path
     if _looks_like_local_path(source):
         raise FileNotFoundError(f"model path {source!r} does not exist")
-    return hub_snapshot(source, patterns)
+    return hub_snapshot(source, patterns, hub_timeout_s)
 
 
 # ------------------------------------------------------------------------------------------- HF checkpoints
@@ -239,9 +243,10 @@ def is_saved_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.exists(os.path.join(path, MARKER))
 
 
-def load_model(source, dtype="bfloat16"):
+def load_model(source, dtype="bfloat16", hub_timeout_s: Optional[float] = None):
     """Load a model from any supported source (see the module docstring). Returns the family's model object
-    (`.config`, `.params` as numpy arrays of `dtype`, and the models/base.py methods)."""
+    (`.config`, `.params` as numpy arrays of `dtype`, and the models/base.py methods). `hub_timeout_s`: see
+    `hub_snapshot`."""
     np_dtype(dtype)  # reject a bad dtype before any download
     source = str(source)
     if source.endswith(".gguf"):
@@ -250,7 +255,7 @@ def load_model(source, dtype="bfloat16"):
             raise FileNotFoundError(f"GGUF file {source!r} does not exist")
         from .gguf import load_gguf
         return load_gguf(path, dtype=dtype)
-    path = resolve_source(source)
+    path = resolve_source(source, hub_timeout_s=hub_timeout_s)
     if is_saved_dir(path):
         return load_saved(path, dtype)
     if not os.path.isdir(path):
@@ -261,8 +266,9 @@ def load_model(source, dtype="bfloat16"):
     return cls(cfg, cast_params(params, dtype))
 
 
-def load_model_config(source) -> ModelConfig:
-    """The ModelConfig of `source` without reading its weights (for a hub id, only config.json is fetched)."""
+def load_model_config(source, hub_timeout_s: Optional[float] = None) -> ModelConfig:
+    """The ModelConfig of `source` without reading its weights (for a hub id, only config.json is fetched;
+    `hub_timeout_s`: see `hub_snapshot`)."""
     source = str(source)
     if source.endswith(".gguf"):
         import importlib
@@ -270,7 +276,7 @@ def load_model_config(source) -> ModelConfig:
         if hasattr(gguf, "load_gguf_config"):
             return gguf.load_gguf_config(source)
         return gguf.load_gguf(source, dtype="bfloat16").config  # no cheaper path in models/gguf.py yet
-    path = resolve_source(source, patterns=None)
+    path = resolve_source(source, patterns=None, hub_timeout_s=hub_timeout_s)
     if is_saved_dir(path):
         with open(os.path.join(path, MARKER)) as f:
             return ModelConfig.from_json(f.read())

@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -27,9 +26,6 @@ from typing import Optional, Sequence
 from .settings import ConfigError, Settings, parse_args
 
 logger = logging.getLogger("yaie_jax.serve")
-
-# YAIE_STARTUP_PROFILE=1: log where the engine build's time went (sampled stacks of the main thread)
-PROFILE_ENV = "YAIE_STARTUP_PROFILE"
 
 
 def build_engine(settings: Settings, factory: Optional[str] = None):
@@ -45,7 +41,7 @@ def build_engine(settings: Settings, factory: Optional[str] = None):
 
 def _log_engine_built(engine, seconds: float) -> None:
     """One line on what building the engine cost: its step programs compiled before serving (trace+lower holds
-    the GIL; compile is near 0.1 s each when JAX's persistent cache has the program)."""
+    the GIL; compile is short when JAX's persistent cache has the program)."""
     from .logging import fmt_age
     runner = getattr(engine, "runner", None)
     log = list(getattr(runner, "compile_log", None) or [])
@@ -125,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m yaie_ja
     from .logging import StackSampler, fmt_age
     logger.info("start-up: building the engine, %s (Python start-up, imports, configuration)", fmt_age())
     t0 = time.monotonic()
-    sampler = StackSampler().start() if os.environ.get(PROFILE_ENV, "") not in ("", "0") else None
+    sampler = StackSampler().start() if srv.startup_profile else None     # --startup-profile, YAIE_STARTUP_PROFILE
     try:
         engine = build_engine(settings, getattr(ns, "engine_factory", None))
     except (ValueError, OSError) as e:

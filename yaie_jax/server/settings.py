@@ -20,9 +20,13 @@ Layers (a later layer replaces a value set by an earlier one; lists such as api 
                   `model: NAME` may be a plain string. Unknown keys are an error (a typo must not be silently
                   ignored).
 3. environment    `YAIE_<FIELD>` for every EngineConfig and ServerSettings field (e.g. `YAIE_MAX_NUM_SEQS`,
-                  `YAIE_PORT`), `YAIE_API_KEY` (one key, or several separated by commas), and the seed's names
-                  `MODEL_NAME`, `MAX_BATCH_SIZE`, `GPU_MEMORY_UTIL`, `ENABLE_RADIX_CACHE` (a `YAIE_` name wins
-                  over a seed name for the same field).
+                  `YAIE_PORT`), `YAIE_API_KEY` (one key, or several separated by commas), the seed's names
+                  `MODEL_NAME`, `MAX_BATCH_SIZE`, `GPU_MEMORY_UTIL`, `ENABLE_RADIX_CACHE`, and the names of knobs
+                  that were environment variables before they were fields (`yaie_jax.config.ENV_ALIASES`:
+                  `YAIE_TP_HEAD` -> tp_head_layout, `YAIE_AOT_CACHE` -> compiled_program_store,
+                  `YAIE_LOG_COMPILE_CACHE` -> log_compiles, read with their old spellings). A `YAIE_<FIELD>`
+                  name wins over a seed name or an alias for the same field. This layer is the one place the
+                  server reads these variables: `environ` is all it reads, never os.environ behind it.
 4. CLI flags      `--<field-name>` for every field (booleans also as `--no-<field-name>`), `--api-key` (repeatable),
                   the seed aliases `--max-batch-size`, `--gpu-blocks`, `--cpu-blocks`, `--enable-radix-cache`,
                   `--gpu-memory-util`, and an optional positional MODEL.
@@ -53,7 +57,7 @@ import os
 import typing
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..config import EngineConfig
+from ..config import ENV_ALIASES, EngineConfig, builtin_default, env_default, parse_switch
 
 
 class ConfigError(ValueError):
@@ -78,6 +82,7 @@ class ServerSettings:
     log_requests: bool = True                # one JSON line per finished request
     access_log: bool = False                 # uvicorn's own access log (the JSON request log usually suffices)
     cors_allow_origins: List[str] = dataclasses.field(default_factory=list)
+    startup_profile: bool = False            # log where the engine build's time went (sampled main-thread stacks)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -163,6 +168,10 @@ _MIN_COMBINED = {("scheduler", "max_batch_size"), ("scheduler", "max_decode_batc
 
 _SEED_ENV = {"MODEL_NAME": "model", "MAX_BATCH_SIZE": "max_num_seqs", "GPU_MEMORY_UTIL": "gpu_memory_utilization",
              "ENABLE_RADIX_CACHE": "enable_prefix_caching"}
+
+# ServerSettings fields whose YAIE_<FIELD> variable keeps the lenient spelling it had before it was a field
+# (empty and "0"/false/no/off: off; anything else: on)
+_LENIENT_SERVER_SWITCHES = {"startup_profile"}
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f"}
@@ -311,12 +320,24 @@ def read_yaml_layer(path: str) -> _Layer:
     return layer
 
 
+def _env_alias_value(field: str, environ: Mapping[str, str]) -> Any:
+    """An environment-backed engine field's value from its alias variable, parsed as config.py parses it."""
+    try:
+        return env_default(field, environ)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def read_env_layer(environ: Mapping[str, str]) -> _Layer:
-    """`YAIE_<FIELD>` for every field, `YAIE_API_KEY(S)`, and the seed's variable names."""
+    """`YAIE_<FIELD>` for every field, `YAIE_API_KEY(S)`, the seed's variable names and the old variable names
+    of environment-backed engine fields (config.ENV_ALIASES)."""
     layer = _Layer("env")
     for var, field in _SEED_ENV.items():            # seed names first: YAIE_ names override them below
         if var in environ:
             layer.set_engine(field, environ[var], f"env:{var}")
+    for field, (var, _, _) in sorted(ENV_ALIASES.items()):     # aliases next: YAIE_<FIELD> names win below
+        if var in environ and var != f"YAIE_{field.upper()}":
+            layer.set_engine(field, _env_alias_value(field, environ), f"env:{var}")
     for field in sorted(ENGINE_FIELDS):
         var = f"YAIE_{field.upper()}"
         if var in environ:
@@ -324,7 +345,8 @@ def read_env_layer(environ: Mapping[str, str]) -> _Layer:
     for field in sorted(SERVER_FIELDS):
         var = f"YAIE_{field.upper()}"
         if var in environ:
-            layer.set_server(field, environ[var], f"env:{var}")
+            value = bool(parse_switch(environ[var])) if field in _LENIENT_SERVER_SWITCHES else environ[var]
+            layer.set_server(field, value, f"env:{var}")
     if "YAIE_API_KEY" in environ:
         layer.set_server("api_keys", environ["YAIE_API_KEY"], "env:YAIE_API_KEY")
     return layer
@@ -332,6 +354,12 @@ def read_env_layer(environ: Mapping[str, str]) -> _Layer:
 
 def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
+
+
+def _engine_default_help(f: dataclasses.Field) -> str:
+    if f.name in ENV_ALIASES:
+        return f"{builtin_default(f.name)!r} (environment: YAIE_{f.name.upper()} or {ENV_ALIASES[f.name][0]})"
+    return str(f.default) if f.default is not dataclasses.MISSING else "(computed)"
 
 
 def build_parser(prog: str = "python -m yaie_jax.serve", add_help: bool = True) -> argparse.ArgumentParser:
@@ -350,7 +378,7 @@ def build_parser(prog: str = "python -m yaie_jax.serve", add_help: bool = True) 
             eng.add_argument(_flag(f.name), dest=f"engine.{f.name}", action=argparse.BooleanOptionalAction)
         else:
             eng.add_argument(_flag(f.name), dest=f"engine.{f.name}", metavar=base.__name__.upper(),
-                             help=f"default: {f.default if f.default is not dataclasses.MISSING else '(computed)'}")
+                             help=f"default: {_engine_default_help(f)}")
     eng.add_argument("--max-batch-size", dest="engine.max_num_seqs", metavar="INT", help="alias of --max-num-seqs")
     eng.add_argument("--gpu-blocks", dest="engine.num_gpu_blocks", metavar="INT", help="alias of --num-gpu-blocks")
     eng.add_argument("--cpu-blocks", dest="engine.num_cpu_blocks", metavar="INT", help="alias of --num-cpu-blocks")
@@ -411,7 +439,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[s
         layers.append(read_yaml_layer(config_file))
     layers.append(read_env_layer(environ))
     layers.append(read_cli_layer(ns))
-    engine_kwargs: Dict[str, Any] = {}
+    # environment-backed fields start at their built-in defaults: their variables are read from `environ` above
+    # (env layer), not from os.environ by EngineConfig's field defaults
+    engine_kwargs: Dict[str, Any] = {field: builtin_default(field) for field in ENV_ALIASES}
     server_kwargs: Dict[str, Any] = {}
     sources: Dict[str, str] = {}
     warnings: List[str] = []
