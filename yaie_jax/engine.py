@@ -130,6 +130,11 @@ class LLMEngine:
         if dtype != config.dtype:
             config = dataclasses.replace(config, dtype=dtype)
         logger.info("dtype %s (%s: %s)", dtype, self.requested_dtype, why)
+        if dtype == "float32" and jax.default_backend() != "cpu":
+            # GPUs run float32 matmuls in TF32 by default (10-bit mantissa): fp32 logits then differed from HF's
+            # fp32 by up to 5e-2 on an H200 (bench/NOTES.md §17). float32 means float32: full-precision products
+            jax.config.update("jax_default_matmul_precision", "highest")
+            logger.info("float32 on %s: jax_default_matmul_precision=highest (no TF32)", jax.default_backend())
         self.config = config
         self.model_source = source
         # the tokenizer loads in a thread while the weights load and go to the device (its imports take
