@@ -17,6 +17,7 @@
 #   bash scripts/gpu/perf_stage.sh AB4 # W4 steady state x4 at the working tree; W2
 #   bash scripts/gpu/perf_stage.sh AB5 # W4 x3 and W1: old_ref/ vs working tree alternated (generate's feeder)
 #   bash scripts/gpu/perf_stage.sh AB6 # W4 x2 and W1 at the working tree
+#   bash scripts/gpu/perf_stage.sh DET # issue 19.6: W1 default and deterministic (same call), determinism check
 #   bash scripts/gpu/perf_stage.sh TP  # issue 8: GPT-2 large at TP sizes $TP_SIZES (2-4 GPU machine)
 set -x
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -238,6 +239,12 @@ F)
   TAIL=6 run w3 150 python3 scripts/bench_serving.py --rates 4 16 64 --duration-s 20 --out $OUT
   kill -TERM $SERVER; wait $SERVER
   tar czf $OUT/logs.tar.gz -C $OUT start && rm -rf $OUT/start/*.log
+  ;;
+DET)
+  TAIL=4 run w1_default 150 python3 scripts/bench_throughput.py --workload W1 --backend yaie --out $OUT
+  TAIL=4 run w1_deterministic 120 python3 scripts/bench_throughput.py --workload W1 --backend yaie --deterministic \
+      --out $OUT
+  TAIL=14 run determinism_check 200 python3 scripts/gpu/determinism_check.py --out $OUT
   ;;
 TP)
   run tp 560 python3 scripts/bench_tp.py --tp ${TP_SIZES:-1,2} --head ${TP_HEADS:-replicated,vocab} --out $OUT
