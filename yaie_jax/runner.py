@@ -12,6 +12,7 @@ Shapes are padded to buckets so XLA compiles a bounded set of programs:
                 with warm-up on >= 64, see cpu_programs.py), S = min(T, S_max)
 (one program per T rather than per (T, S) pair: fewer compiles at start-up; see `padded_shape`).
 Padding tokens write nowhere (slot -1) and padding sequences have context length 0 (attention outputs zeros).
+Deterministic mode (yaie_jax/deterministic.py) replaces these programs with one fixed-shape step and one fused one.
 """
 from __future__ import annotations
 
@@ -432,7 +433,8 @@ class ModelRunner:
         return self.det.num_rows if self.det is not None else self.seq_buckets_decode[-1]
 
     def run_program(self, kind: str, batch, sbatch, flags, num_steps: int = 1):
-        """Run one compiled step program ("decode" | "prefill" | "multi") on padded inputs, updating the KV pool
+        """Run one compiled step program ("decode" | "prefill" | "multi", or in deterministic mode "det" |
+        "det_multi") on padded inputs, updating the KV pool
         in place (donated). The one place the engine's steps reach the device. Returns device arrays."""
         if self.cpu_plan is not None and num_steps == 1:
             sbatch, flags = self.cpu_plan.choose(kind, batch, sbatch, flags)

@@ -18,6 +18,7 @@
 #   bash scripts/gpu/perf_stage.sh AB5 # W4 x3 and W1: old_ref/ vs working tree alternated (generate's feeder)
 #   bash scripts/gpu/perf_stage.sh AB6 # W4 x2 and W1 at the working tree
 #   bash scripts/gpu/perf_stage.sh Q1  # issue 19: W1 tuned vs untuned x2, W3 on an untuned server (+ GGUF part a)
+#   bash scripts/gpu/perf_stage.sh DET # issue 19.6: W1 default and deterministic (same call), determinism check
 #   bash scripts/gpu/perf_stage.sh TP  # issue 8: GPT-2 large at TP sizes $TP_SIZES (2-4 GPU machine)
 set -x
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -275,6 +276,12 @@ Q3)
     TAIL=6 run w1_$v 150 python3 scripts/bench_throughput.py --workload W1 --backend yaie --repeats 3 \
         $([ $v = det ] && echo --deterministic) --out $OUT/$v
   done
+  ;;
+DET)
+  TAIL=4 run w1_default 150 python3 scripts/bench_throughput.py --workload W1 --backend yaie --out $OUT
+  TAIL=4 run w1_deterministic 120 python3 scripts/bench_throughput.py --workload W1 --backend yaie --deterministic \
+      --out $OUT
+  TAIL=14 run determinism_check 200 python3 scripts/gpu/determinism_check.py --out $OUT
   ;;
 TP)
   run tp 560 python3 scripts/bench_tp.py --tp ${TP_SIZES:-1,2} --head ${TP_HEADS:-replicated,vocab} --out $OUT

@@ -180,3 +180,14 @@ def test_deterministic_must_be_bool():
     from yaie_jax.config import EngineConfig
     with pytest.raises(ValueError, match="deterministic"):
         EngineConfig(deterministic="yes")
+
+
+def test_deterministic_from_flag_env_and_yaml(tmp_path):
+    from yaie_jax.settings import load_settings
+    assert load_settings([], {}).engine.deterministic is False
+    assert load_settings(["--deterministic"], {}).engine.deterministic is True
+    assert load_settings([], {"YAIE_DETERMINISTIC": "true"}).engine.deterministic is True
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("engine:\n  deterministic: true\n")
+    assert load_settings(["--config", str(cfg)], {}).engine.deterministic is True
+    assert load_settings(["--config", str(cfg), "--no-deterministic"], {}).engine.deterministic is False
