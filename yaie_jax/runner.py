@@ -94,7 +94,8 @@ class ModelRunner:
                                    bucket_list(min(8, config.max_num_seqs), max(config.max_num_seqs, 1), 2)]
         # CPU with warm-up on (cpu_programs.py): no prefill bucket below MIN_PREFILL_TOKENS (a compile saved per
         # bucket; padding a short prompt costs little there)
-        use_cpu_plan = jax.default_backend() == "cpu" and config.warmup and jax.process_count() == 1
+        use_cpu_plan = jax.default_backend() == "cpu" and config.warmup and jax.process_count() == 1 \
+            and not config.deterministic     # deterministic mode has its own fixed programs
         lo = min(MIN_PREFILL_TOKENS, next_power_of(config.max_num_batched_tokens, 2, 16)) if use_cpu_plan else 16
         self.token_buckets = [next_power_of(t, 2, lo) for t in
                               bucket_list(lo, max(config.max_num_batched_tokens, lo), 2)]

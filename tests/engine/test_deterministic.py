@@ -183,7 +183,7 @@ def test_deterministic_must_be_bool():
 
 
 def test_deterministic_from_flag_env_and_yaml(tmp_path):
-    from yaie_jax.settings import load_settings
+    from yaie_jax.server.settings import load_settings
     assert load_settings([], {}).engine.deterministic is False
     assert load_settings(["--deterministic"], {}).engine.deterministic is True
     assert load_settings([], {"YAIE_DETERMINISTIC": "true"}).engine.deterministic is True
