@@ -53,11 +53,11 @@ class CpuProgramPlan:
     # ------------------------------------------------------------------ start-up
     def startup_programs(self) -> List[Tuple[str, int, int, str]]:
         """(kind, T, S, variant) in compile order: a first chat request's prefill and decode, then their
-        supersets."""
+        supersets in the same order (a request with other sampling options needs its prefill program first)."""
         r = self.runner
         T, S = r.token_buckets[0], r.seq_buckets_decode[0]
         prefill, decode = ("prefill", T, min(T, r.seq_buckets_decode[-1])), ("decode", S, S)
-        return [prefill + ("greedy",), decode + ("greedy",), decode + ("superset",), prefill + ("superset",)]
+        return [prefill + ("greedy",), decode + ("greedy",), prefill + ("superset",), decode + ("superset",)]
 
     def start(self) -> None:
         """Queue `startup_programs` for the background compiler (started at once, not waiting for idle)."""
