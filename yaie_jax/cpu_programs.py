@@ -123,7 +123,7 @@ class CpuProgramPlan:
         if key not in self._noted:
             self._noted.add(key)
             logger.info("%s S=%d T=%d: a %s step runs in the superset program%s", kind, key[2], key[3], key[1],
-                        "" if sup_ready else " (compiling it now)")
+                        "" if sup_ready else " (not compiled yet: the step waits for it)")
         return sup, SUPERSET
 
     def _later(self, kind, batch, sbatch, flags, why: str) -> None:
