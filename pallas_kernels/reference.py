@@ -43,19 +43,22 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping):
     return kf.reshape(H, NB, BS, D), vf.reshape(H, NB, BS, D)
 
 
-def paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=None, interpret=None):
+def paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=None, interpret=None,
+                    pages_dtype=None):
     """Decode attention: one query per sequence over its `context_lens[i]` cached tokens.
 
-    q [num_seqs, num_q_heads, head_dim] -> [num_seqs, num_q_heads, head_dim] (zeros where context_lens == 0)."""
+    q [num_seqs, num_q_heads, head_dim] -> [num_seqs, num_q_heads, head_dim] (zeros where context_lens == 0).
+    `pages_dtype`: as in `ragged_prefill_attention` (the gathered pages are reinterpreted)."""
     del interpret
+    dt = k_pages.dtype if pages_dtype is None else jnp.dtype(pages_dtype)
     S, Hq, D = q.shape
     Hkv, NB, BS, _ = k_pages.shape
     MB = block_tables.shape[1]
     G = Hq // Hkv
     bt = jnp.clip(block_tables, 0, NB - 1)
-    k = k_pages[:, bt]                                                   # [Hkv, S, MB, BS, D] pool dtype
-    v = v_pages[:, bt]
-    qg = q.reshape(S, Hkv, G, D).astype(k.dtype)
+    k = _view(k_pages[:, bt], dt)                                        # [Hkv, S, MB, BS, D] pool dtype
+    v = _view(v_pages[:, bt], dt)
+    qg = q.reshape(S, Hkv, G, D).astype(dt)
     s = jnp.einsum("shgd,hsmbd->shgmb", qg, k, precision=_HI,
                    preferred_element_type=jnp.float32) * _scale(scale, D)  # [S, Hkv, G, MB, BS]
     valid = (jnp.arange(MB * BS) < context_lens[:, None]).reshape(S, 1, 1, MB, BS)
@@ -67,6 +70,11 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=No
     o = o / l[..., None]
     o = jnp.where((context_lens > 0)[:, None, None, None], o, 0.0)
     return o.reshape(S, Hq, D).astype(q.dtype)
+
+
+def _view(pages, dtype):
+    """Gathered pages as `dtype` values (a bitcast where they hold that dtype's bit patterns)."""
+    return pages if pages.dtype == dtype else lax.bitcast_convert_type(pages, dtype)
 
 
 def _cdiv(a, b):
@@ -93,9 +101,6 @@ def ragged_prefill_attention(q, k_pages, v_pages, query_start, context_lens, blo
     reinterpreted after each gather, inside the loop, so XLA:CPU does not convert the whole pool before it."""
     del interpret
     dt = k_pages.dtype if pages_dtype is None else jnp.dtype(pages_dtype)
-
-    def view(pages):                                                     # gathered pages as `dt` values
-        return pages if pages.dtype == dt else lax.bitcast_convert_type(pages, dt)
     T, Hq, D = q.shape
     Hkv, NB, BS, _ = k_pages.shape
     S, MB = block_tables.shape
@@ -133,8 +138,8 @@ def ragged_prefill_attention(q, k_pages, v_pages, query_start, context_lens, blo
         pos = (context_lens[seq] - q_len[seq])[:, None] + (rows - query_start[seq][:, None])  # [B, C] absolute
         qi = q_pad[jnp.clip(rows, 0, T + C - 1)].reshape(B, C, Hkv, G, D)
         bt = bt_all[seq]                                                 # [B, MB]
-        k = view(k_pages[:, bt]).reshape(Hkv, B, L, D)
-        v = view(v_pages[:, bt]).reshape(Hkv, B, L, D)
+        k = _view(k_pages[:, bt], dt).reshape(Hkv, B, L, D)
+        v = _view(v_pages[:, bt], dt).reshape(Hkv, B, L, D)
         s = jnp.einsum("bchgd,hbld->bhgcl", qi, k, precision=_HI, preferred_element_type=jnp.float32) * sc
         mask = key_idx[None, None, :] <= pos[:, :, None]                 # [B, C, L]
         s = jnp.where(mask[:, None, None], s, NEG_INF)

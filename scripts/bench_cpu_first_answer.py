@@ -2,7 +2,7 @@
 /health says ok ("ready"), then until the README's chat request is answered, then a stream with a second and a
 third request of other sampling options sent while it runs (how long the stream stalls, how long they wait).
 
-    python scripts/bench_cpu_first_answer.py [--out DIR] [--port 8571] [--tag NAME] [-- extra serve flags]
+    python scripts/bench_cpu_first_answer.py [--out DIR] [--port 8571] [--tag NAME] [--settle] [-- serve flags]
 
 A fresh clone has no compiled programs: the server gets an empty compile cache (`--compile-cache-dir`, a new
 temporary directory) unless --cache-dir is given. While it runs, /health is polled (what it says about compiles)
@@ -39,7 +39,7 @@ SECOND = {"messages": [{"role": "user", "content": "Name three colors."}], "max_
           "top_p": 0.9, "seed": 1}
 THIRD = {"messages": [{"role": "user", "content": "Name three animals."}], "max_tokens": 16, "temperature": 0,
          "presence_penalty": 0.5}
-COMPILE_LINE = re.compile(r"(compil\w+ [^\"]*)")
+COMPILE_LINE = re.compile(r"yaie_jax\.runner \[[^\]]*\]: (.*(?:compil|superset program).*)$")
 
 
 def post(port: int, body: dict, timeout: float = 900.0) -> dict:
@@ -133,6 +133,8 @@ def main() -> None:
     ap.add_argument("--tag", default="run")
     ap.add_argument("--cache-dir", default=None, help="compile cache to use (default: a new empty one)")
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--settle", action="store_true",
+                    help="before the stream, wait until /health says nothing compiles (start-up compiles done)")
     ap.add_argument("serve_args", nargs="*")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -157,6 +159,10 @@ def main() -> None:
             rec.update(ready_s=round(t_ready - t_launch, 2), first_answer_after_ready_s=round(t_first - t_ready, 2),
                        first_answer=out["choices"][0]["message"]["content"],
                        first_answer_tokens=out["usage"]["completion_tokens"])
+            if args.settle:
+                while (get_health(args.port) or {}).get("compiling"):
+                    time.sleep(0.2)
+                rec["settled_after_ready_s"] = round(time.monotonic() - t_ready, 2)
             t2, c2 = time.monotonic(), cpu_seconds(proc.pid)
             rec.update(run_stream_with_others(args.port))
             t3, c3 = time.monotonic(), cpu_seconds(proc.pid)
@@ -177,8 +183,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
     with open(log_path) as f:
-        rec["compile_lines"] = [m.group(1).strip()[:200] for line in f for m in [COMPILE_LINE.search(line)]
-                                if m and "yaie_jax.runner" in line]
+        rec["compile_lines"] = [m.group(1).strip()[:220] for line in f for m in [COMPILE_LINE.search(line)] if m]
     if args.cache_dir is None:
         shutil.rmtree(cache, ignore_errors=True)
     rec["env"] = bc.environment()           # imported after the run: no competition for the CPU during it

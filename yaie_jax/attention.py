@@ -50,6 +50,9 @@ def make_paged_attention(backend: str, *, decode: bool, slot_mapping, query_star
     (yaie_jax/cascade.py; arrays), or None for plain paged decode attention. `kv_dtype`: the dtype of the pool's
     values where the pool's arrays hold their bit patterns instead (`kv_storage_dtype`), else None."""
     write_kv, paged_attention, ragged_prefill_attention, cascade_attention = kernel_functions(backend)
+    cpu_xla = backend == "xla" and jax.default_backend() == "cpu"
+    if cpu_xla:
+        paged_attention, ragged_prefill_attention = _cpu_tuned(paged_attention, ragged_prefill_attention, kv_dtype)
     if mesh is not None:
         write_kv = _write_kv_per_shard(mesh, write_kv)
     if mesh is not None and backend == "pallas":
@@ -68,20 +71,44 @@ def make_paged_attention(backend: str, *, decode: bool, slot_mapping, query_star
             pool = NamedSharding(mesh, P(AXIS, None, None, None))
             k_pages = jax.lax.with_sharding_constraint(k_pages, pool)
             v_pages = jax.lax.with_sharding_constraint(v_pages, pool)
-        new_cache = (k_pages, v_pages)
-        if bits and decode:   # the decode gathers fuse the bitcast; prefill's loop reinterprets what it gathers
-            k_pages = jax.lax.bitcast_convert_type(k_pages, kv_dtype)
-            v_pages = jax.lax.bitcast_convert_type(v_pages, kv_dtype)
+        new_cache = (k_pages, v_pages)      # bits: read through `_cpu_tuned`'s views (CPU "xla" only, no cascade)
         if decode and cascade is not None:
             out = cascade_attention(q, k_pages, v_pages, block_tables, context_lens, cascade)
         elif decode:
             out = paged_attention(q, k_pages, v_pages, block_tables, context_lens)
         else:
-            extra = {"pages_dtype": kv_dtype} if bits else {}   # bits: "xla" backend only (kv_storage_dtype)
-            out = ragged_prefill_attention(q, k_pages, v_pages, query_start, context_lens, block_tables, **extra)
+            out = ragged_prefill_attention(q, k_pages, v_pages, query_start, context_lens, block_tables)
         return out, new_cache
 
     return attention
+
+
+def _cpu_tuned(paged_attention, ragged_prefill_attention, kv_dtype):
+    """The "xla" kernels as run on the CPU: the pages of a pool of bit patterns (`kv_storage_dtype`) are viewed
+    after each gather, and work on padding is skipped: decode attention runs row by row up to the last row with
+    context (the batched reference gathers every row's max_model_len pages, padding rows' included), and ragged
+    prefill takes one work item per loop iteration (its default packs up to 28 per iteration for GPU
+    parallelism, most of them padding for a short prompt). The reference's math (its dots have other shapes
+    here: sums may round differently, tests/kernels/test_cpu_attention.py). Measured
+    on SmolLM2-135M f32 (bench/NOTES.md §17): a 40-token prefill step 6.7 -> 1.0 CPU-s."""
+    view = {} if kv_dtype is None else {"pages_dtype": kv_dtype}
+
+    def decode(q, k_pages, v_pages, block_tables, context_lens):
+        S = q.shape[0]
+        rows = jnp.max(jnp.where(context_lens > 0, jnp.arange(S, dtype=jnp.int32) + 1, 0))   # up to the last live
+
+        def row(i, out):
+            one = lambda a: jax.lax.dynamic_slice_in_dim(a, i, 1)          # noqa: E731 - row i, [1, ...]
+            o = paged_attention(one(q), k_pages, v_pages, one(block_tables), one(context_lens), **view)
+            return jax.lax.dynamic_update_slice_in_dim(out, o, i, 0)
+
+        return jax.lax.fori_loop(0, rows, row, jnp.zeros_like(q))          # padding rows stay zeros
+
+    def prefill(q, k_pages, v_pages, query_start, context_lens, block_tables):
+        return ragged_prefill_attention(q, k_pages, v_pages, query_start, context_lens, block_tables,
+                                        items_per_step=1, **view)
+
+    return decode, prefill
 
 
 def _write_kv_per_shard(mesh, write_kv):

@@ -53,11 +53,11 @@ class CpuProgramPlan:
     # ------------------------------------------------------------------ start-up
     def startup_programs(self) -> List[Tuple[str, int, int, str]]:
         """(kind, T, S, variant) in compile order: a first chat request's prefill and decode, then their
-        supersets."""
+        supersets in the same order (a request with other sampling options needs its prefill program first)."""
         r = self.runner
         T, S = r.token_buckets[0], r.seq_buckets_decode[0]
         prefill, decode = ("prefill", T, min(T, r.seq_buckets_decode[-1])), ("decode", S, S)
-        return [prefill + ("greedy",), decode + ("greedy",), decode + ("superset",), prefill + ("superset",)]
+        return [prefill + ("greedy",), decode + ("greedy",), prefill + ("superset",), decode + ("superset",)]
 
     def start(self) -> None:
         """Queue `startup_programs` for the background compiler (started at once, not waiting for idle)."""
@@ -123,7 +123,7 @@ class CpuProgramPlan:
         if key not in self._noted:
             self._noted.add(key)
             logger.info("%s S=%d T=%d: a %s step runs in the superset program%s", kind, key[2], key[3], key[1],
-                        "" if sup_ready else " (compiling it now)")
+                        "" if sup_ready else " (not compiled yet: the step waits for it)")
         return sup, SUPERSET
 
     def _later(self, kind, batch, sbatch, flags, why: str) -> None:

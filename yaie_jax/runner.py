@@ -439,7 +439,7 @@ class ModelRunner:
         in place (donated). The one place the engine's steps reach the device. Returns device arrays."""
         if self.cpu_plan is not None and num_steps == 1:
             sbatch, flags = self.cpu_plan.choose(kind, batch, sbatch, flags)
-        fn = self.compiled(kind, batch, sbatch, flags, num_steps, reason="a step needs it now (the engine waits)")
+        fn = self.compiled(kind, batch, sbatch, flags, num_steps, reason="a step needs it, the engine waits")
         t0 = time.perf_counter()
         result, self.kv_caches = fn(self.params, self.kv_caches, batch, sbatch)
         self.host_time_s["launch"] += time.perf_counter() - t0
@@ -480,7 +480,7 @@ class ModelRunner:
             info = {"program": program, "sampling": describe(flags), "reason": reason}
             other = self.compile_tracker.begin(key, info)
             if other is not None:           # under way in another thread: its result (or, if it failed, ours)
-                logger.info("%s (%s sampling) is needed (%s): waiting for its compile under way", program,
+                logger.info("%s (%s sampling) is needed (%s): waiting for the compile under way", program,
                             info["sampling"], reason)
                 other.wait()
                 fn = self._compiled.get(key)
