@@ -97,7 +97,7 @@ def ragged_prefill_attention(q, k_pages, v_pages, query_start, context_lens, blo
     q[query_start[i]:query_start[i+1]] are the last positions of its context_lens[i] tokens (their K/V already in
     the pages) and attend causally to everything before them, cached prefix included. Tokens past
     query_start[-1] output zeros. `q_chunk`/`items_per_step` only tune the XLA loop. `pages_dtype`: the pages
-    hold the bit patterns of values of this (same-width) dtype (yaie_jax.attention.kv_storage_dtype); they are
+    hold the bit patterns of values of this (same-width) dtype (yaie_jax.executor.attention.kv_storage_dtype); they are
     reinterpreted after each gather, inside the loop, so XLA:CPU does not convert the whole pool before it."""
     del interpret
     dt = k_pages.dtype if pages_dtype is None else jnp.dtype(pages_dtype)

@@ -219,7 +219,7 @@ def main():
         """Decode where `groups` equal groups of the S rows share a `prefix`-token page run (issue 10's W4 shape),
         each row with 1..own_max tokens of its own: the cascade kernel vs plain paged decode on the same tables."""
         from pallas_kernels.testing import share_leading_pages
-        from yaie_jax.cascade import engine_plan
+        from yaie_jax.executor.cascade import engine_plan
         own = rng.integers(1, own_max + 1, size=S)
         cl_np = (prefix + own).astype(np.int32)
         MB = -(-int(cl_np.max()) // BS)

@@ -19,7 +19,7 @@ import bench_common as bc  # noqa: E402
 
 def run_yaie(model_dir, prompt, max_new, args):
     from yaie_jax import SamplingParams
-    from yaie_jax.engine import LLMEngine
+    from yaie_jax.engine.core import LLMEngine
     t0 = time.perf_counter()
     eng = LLMEngine(model=model_dir, dtype="bfloat16", max_num_seqs=8, max_num_batched_tokens=512,
                     num_decode_steps=args.num_decode_steps, attention_backend=args.attention_backend,

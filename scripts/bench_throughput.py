@@ -56,7 +56,7 @@ def run_yaie(model_dir: str, prompts, max_new, args, enable_prefix_caching: bool
     for _ in range(args.warmup_passes - 1):   # more untimed passes (is one enough for a steady state?)
         llm.engine.block_manager.reset_prefix_cache()
         llm.generate(prompts, params, use_tqdm=False)
-    from yaie_jax.gc_pause import GcPauseMeter
+    from yaie_jax.engine.gc_pause import GcPauseMeter
     passes = []
     for i in range(args.repeats):
         llm.engine.block_manager.reset_prefix_cache()
@@ -214,8 +214,8 @@ def main() -> None:
     ap.add_argument("--warmup-passes", type=int, default=1, help="untimed passes of the workload before the timed ones")
     ap.add_argument("--pipelined-prefill", action="store_true", help="engine arg pipelined_prefill=True")
     ap.add_argument("--deterministic", action="store_true",
-                    help="engine arg deterministic=True (batch-invariant steps, yaie_jax/deterministic.py)")
-    ap.add_argument("--no-gc-freeze", action="store_true", help="engine arg gc_freeze=False (yaie_jax/gc_pause.py)")
+                    help="engine arg deterministic=True (batch-invariant steps, yaie_jax/executor/deterministic.py)")
+    ap.add_argument("--no-gc-freeze", action="store_true", help="engine arg gc_freeze=False (yaie_jax/engine/gc_pause.py)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed passes (yaie); the table shows the pass of median time, the JSON every pass's time")
     ap.add_argument("--no-cascade", action="store_true", help="plain paged decode even where prefixes are shared")

@@ -1,5 +1,5 @@
 """Tensor-parallel scaling (issue 8): GPT-2 large (36 layers, 1280 wide, 20 heads; random weights, bf16) at
-TP = 1, 2, 4 with the LM head / token embedding replicated or vocab-parallel (yaie_jax/parallel.py).
+TP = 1, 2, 4 with the LM head / token embedding replicated or vocab-parallel (yaie_jax/executor/parallel.py).
 
     PYTHONPATH=$PWD python scripts/bench_tp.py                                  # --tp 1,2,4 --head replicated,vocab
     PYTHONPATH=$PWD python scripts/bench_tp.py --tp 4 --head vocab --append     # one more config into the same JSON

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Dict
 
-from yaie_jax.gc_pause import GcPauseMeter
+from yaie_jax.engine.gc_pause import GcPauseMeter
 
 
 class HostTrace:
@@ -59,7 +59,7 @@ class HostTrace:
         self._wrap(self.engine.scheduler, "commit_step", "scheduler.commit_step")
         self._wrap(self.engine, "_process", "engine.process")
         self._wrap(self.engine, "_outputs", "engine.outputs")
-        from yaie_jax import sampling
+        from yaie_jax.executor import sampling
         self._wrap(sampling, "build_sampling_batch", "sampling.build_sampling_batch")
         self._wrap(self.engine, "_fetch", "engine.fetch (device read)")
         dispatch = self.engine._dispatch

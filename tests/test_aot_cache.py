@@ -13,8 +13,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import support  # noqa: E402
 
-from yaie_jax import aot_cache  # noqa: E402
-from yaie_jax.aot_cache import ExecutableStore  # noqa: E402
+from yaie_jax.executor import aot_cache  # noqa: E402
+from yaie_jax.executor.aot_cache import ExecutableStore  # noqa: E402
 
 ENGINE = dict(dtype="float32", attention_backend="xla", warmup=False, compile_cache_dir=None, max_num_seqs=8,
               num_decode_steps=2, max_num_batched_tokens=64, num_gpu_blocks=64)
@@ -32,7 +32,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(model_dir):
-    from yaie_jax.engine import LLMEngine
+    from yaie_jax.engine.core import LLMEngine
     return LLMEngine(model=model_dir, compiled_program_store=True, **ENGINE)     # (off by default on the CPU)
 
 
@@ -149,7 +149,7 @@ def test_fingerprint_has_the_head_layout_not_the_cache_log_and_hub_knobs(engine,
 
 
 def test_fingerprint_is_the_same_in_two_processes(model_dir, tmp_path):
-    code = ("import sys; from yaie_jax.engine import LLMEngine; from yaie_jax.aot_cache import ExecutableStore; "
+    code = ("import sys; from yaie_jax.engine.core import LLMEngine; from yaie_jax.executor.aot_cache import ExecutableStore; "
             f"e = LLMEngine(model=sys.argv[1], **{ENGINE!r}); "
             "print('DIGEST', ExecutableStore.for_runner(e.runner, cache_dir=sys.argv[2]).digest)")
     env = dict(os.environ)

@@ -10,7 +10,7 @@ COLD = """\
 2026-11-27 07:00:00,001 DEBUG jax._src.cache_key [T1]: get_cache_key hash of serialized computation: aaaa
 2026-11-27 07:00:00,002 DEBUG jax._src.cache_key [T1]: get_cache_key hash of serialized XLA flags: ffff
 2026-11-27 07:00:00,003 DEBUG jax._src.compiler [T1]: PERSISTENT COMPILATION CACHE MISS for 'jit__step_impl' with key 'k1'
-2026-11-27 07:00:01,000 INFO yaie_jax.runner [T1]: compiled decode S=8 T=8 steps=1: trace+lower 4.00 s, compile 5.00 s
+2026-11-27 07:00:01,000 INFO yaie_jax.executor.runner [T1]: compiled decode S=8 T=8 steps=1: trace+lower 4.00 s, compile 5.00 s
 2026-11-27 07:00:02,000 INFO yaie_jax.serve [MainThread]: start-up: engine built in 20.00 s, 21.10 s after the process started; 1 step programs compiled so far: trace+lower 4.00 s, compile 5.00 s (summed over threads)
 2026-11-27 07:00:02,100 INFO yaie_jax.server [MainThread]: start-up: app started, 21.30 s after the process started
 2026-11-27 07:00:02,300 DEBUG jax._src.compiler [T2]: PERSISTENT COMPILATION CACHE MISS for 'jit__multi_step_impl' with key 'k2'

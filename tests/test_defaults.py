@@ -61,7 +61,7 @@ def test_bad_explicit_values_are_refused(name):
 
 def test_engine_fills_unset_arguments_and_keeps_given_ones(tmp_path):
     import support
-    from yaie_jax.engine import LLMEngine
+    from yaie_jax.engine.core import LLMEngine
     path = support.make_gpt2_dir(str(tmp_path / "gpt2"), n_positions=128)
     eng = LLMEngine(model=path, dtype="float32", num_gpu_blocks=64, max_num_seqs=4, warmup=False)
     assert eng.auto_args == {"max_num_batched_tokens": 2048, "num_decode_steps": 1}     # the CPU rule

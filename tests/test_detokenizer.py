@@ -1,4 +1,4 @@
-"""Incremental detokenization (yaie_jax/detokenizer.py) against the tokenizer's own full decode.
+"""Incremental detokenization (yaie_jax/engine/detokenizer.py) against the tokenizer's own full decode.
 
 Two tokenizers are built here (no hub): a byte-level BPE (GPT-2 style: multi-byte characters split across byte
 tokens) and a SentencePiece-style BPE with byte fallback (Llama style: Metaspace "▁" spaces, a decoder that drops
@@ -12,8 +12,8 @@ import json
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from yaie_jax import detokenizer as detok_mod
-from yaie_jax.detokenizer import IncrementalDetokenizer, decode_token
+from yaie_jax.engine import detokenizer as detok_mod
+from yaie_jax.engine.detokenizer import IncrementalDetokenizer, decode_token
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

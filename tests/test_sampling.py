@@ -1,4 +1,4 @@
-"""On-device sampling (yaie_jax/sampling.py) against independent references: numpy / torch argmax, HF's logits
+"""On-device sampling (yaie_jax/executor/sampling.py) against independent references: numpy / torch argmax, HF's logits
 processors (repetition penalty, top-k, top-p, min-p warpers), the OpenAI presence/frequency formula in numpy,
 torch.log_softmax, and empirical distributions over many seeded draws (chi-square)."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from scipy import stats
 from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from yaie_jax.sampling import (SamplingFlags, apply_penalties, build_sampling_batch, filter_mask,
+from yaie_jax.executor.sampling import (SamplingFlags, apply_penalties, build_sampling_batch, filter_mask,
                                make_sampling_batch, row_key_data, row_seed, sample)
 from yaie_jax.sampling_params import SamplingParams as SP
 

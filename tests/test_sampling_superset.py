@@ -5,9 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from yaie_jax import sampling
+from yaie_jax.executor import sampling
 from yaie_jax.sampling_params import SamplingParams
-from yaie_jax.sampling_superset import GREEDY, SUPERSET, SUPPRESS_WIDTH, describe, history_width, to_superset
+from yaie_jax.executor.sampling_superset import GREEDY, SUPERSET, SUPPRESS_WIDTH, describe, history_width, to_superset
 
 EOS = [0, 3]
 

@@ -118,7 +118,7 @@ class EngineConfig:
     cascade_attention: bool = True              # decode reads prefixes shared by sequences once (pallas backend)
     deterministic: bool = False                 # batch-invariant steps: a request's tokens and logprobs do not
                                                 # depend on the rest of the batch, prefix-cache hits, chunking or
-                                                # preemption (yaie_jax/deterministic.py); cascade attention off
+                                                # preemption (yaie_jax/executor/deterministic.py); cascade attention off
     # JAX's persistent compilation cache; None or "": off (default ~/.cache/yaie_jax/xla; YAIE_COMPILE_CACHE_DIR)
     compile_cache_dir: Optional[str] = _from_env("compile_cache_dir")
     # the compiled step programs stored under compile_cache_dir (aot_cache.py); None: on for a GPU backend, off

@@ -137,7 +137,7 @@ def main() -> None:
 def write(args, rows, cols, facts) -> bool:
     """Write what is done so far; returns whether every deterministic-mode row matched."""
     import jax
-    from yaie_jax import deterministic as det
+    from yaie_jax.executor import deterministic as det
     ok = all(r[c] for r in rows if r["deterministic"] for c in cols if c.endswith("_same"))
     record = {"env": bc.environment(), "config": vars(args), "chunk_tokens": det.chunk_tokens(jax.default_backend()),
               "compiler_options": det.compiler_options(jax.default_backend()), "facts": facts, "rows": rows,

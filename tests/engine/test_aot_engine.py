@@ -1,4 +1,4 @@
-"""The compiled-program store (yaie_jax/aot_cache.py) wired into the runner: a second engine with the same
+"""The compiled-program store (yaie_jax/executor/aot_cache.py) wired into the runner: a second engine with the same
 configuration loads the first one's step programs (no tracing or compiling) and gives the same greedy tokens."""
 import numpy as np
 

@@ -5,7 +5,7 @@ import numpy as np
 
 import support
 from yaie_jax import LLM, SamplingParams
-from yaie_jax import runner as runner_mod
+from yaie_jax.executor import runner as runner_mod
 
 
 def _shared_prefix_prompts(rng, groups=2, per_group=3, prefix_len=80):

@@ -1,4 +1,4 @@
-"""The CPU compile plan (yaie_jax/cpu_programs.py, warm-up on): a first chat request's programs compile in the
+"""The CPU compile plan (yaie_jax/executor/cpu_programs.py, warm-up on): a first chat request's programs compile in the
 background from start-up, any mix of sampling options then runs without compiling (greedy or superset program),
 with the same tokens and logprobs as the exact variants of an engine without the plan (given the same buckets:
 the plan has no prefill bucket below 64 tokens), and a program needed by two threads compiles once."""
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from yaie_jax import LLM, SamplingParams
-from yaie_jax.sampling_superset import GREEDY
+from yaie_jax.executor.sampling_superset import GREEDY
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU backend's compile plan")
 
@@ -81,7 +81,7 @@ def test_a_program_needed_by_two_threads_compiles_once(llama_dir):
 
 
 def test_compile_tracker_reports_what_compiles_and_why():
-    from yaie_jax.compile_tracker import CompileTracker
+    from yaie_jax.executor.compile_tracker import CompileTracker
     tr = CompileTracker()
     assert tr.begin("a", {"program": "decode S=8 T=8", "sampling": "greedy", "reason": "start-up"}) is None
     ev = tr.begin("a", {"program": "decode S=8 T=8", "sampling": "greedy", "reason": "a step"})

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from yaie_jax import LLM, SamplingParams
-from yaie_jax.deterministic import chunk_segments
+from yaie_jax.executor.deterministic import chunk_segments
 
 VOCAB = 384
 SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, seed=1234, max_tokens=24, logprobs=2, ignore_eos=True)

@@ -3,7 +3,7 @@ server never reads the message. Messages stay as they were (tests elsewhere matc
 import pytest
 
 from yaie_jax import SamplingParams
-from yaie_jax.engine import LLMEngine
+from yaie_jax.engine.core import LLMEngine
 from yaie_jax.errors import ContextLengthError, InvalidParameterError, InvalidRequestError
 
 

@@ -8,7 +8,7 @@ import weakref
 import numpy as np
 
 from yaie_jax import LLM, SamplingParams
-from yaie_jax.gc_pause import PAUSES, GcPauseMeter, freeze_live_objects, install_pause_meter, raise_gen0_threshold
+from yaie_jax.engine.gc_pause import PAUSES, GcPauseMeter, freeze_live_objects, install_pause_meter, raise_gen0_threshold
 
 
 class Node:
@@ -28,7 +28,7 @@ def test_meter_counts_a_full_collection():
 
 
 def test_nothing_installed_on_import_and_installing_is_idempotent():
-    code = ("import gc, yaie_jax, yaie_jax.gc_pause as g, yaie_jax.engine; n = len(gc.callbacks); "
+    code = ("import gc, yaie_jax, yaie_jax.engine.gc_pause as g, yaie_jax.engine.core; n = len(gc.callbacks); "
             "assert g.PAUSES not in gc.callbacks; assert g.install_pause_meter() is g.PAUSES; "
             "g.install_pause_meter(); assert gc.callbacks.count(g.PAUSES) == 1 and len(gc.callbacks) == n + 1; "
             "print('OK')")
@@ -83,7 +83,7 @@ def test_engine_freezes_at_start_up_and_reports_pauses(gpt2_dir):
 
 
 def test_idle_work_freezes_again_after_new_compiles_only(gpt2_dir, monkeypatch):
-    import yaie_jax.gc_pause as gc_pause
+    import yaie_jax.engine.gc_pause as gc_pause
     calls = []
     real = gc_pause.freeze_live_objects
     monkeypatch.setattr(gc_pause, "freeze_live_objects", lambda: calls.append(1) or real())
@@ -123,7 +123,7 @@ def test_gen0_threshold_is_raised_never_lowered(gpt2_dir):
 def test_finished_requests_are_freed_without_the_collector(gpt2_dir):
     """A finished request and its sequences (token lists included) are freed by reference counts once the
     engine is done with them: no cycle left for the collector (they piled up between young collections)."""
-    from yaie_jax.engine import LLMEngine
+    from yaie_jax.engine.core import LLMEngine
     eng = LLMEngine(model=gpt2_dir, dtype="float32", attention_backend="xla", warmup=False, compile_cache_dir=None,
                     max_num_seqs=4, max_num_batched_tokens=64)
     rng = np.random.default_rng()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from yaie_jax import LLM, SamplingParams
-from yaie_jax import runner as runner_mod
+from yaie_jax.executor import runner as runner_mod
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU backend's pool storage")
 

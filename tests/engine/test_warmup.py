@@ -4,7 +4,7 @@ import numpy as np
 
 import support
 from yaie_jax import LLM, SamplingParams
-from yaie_jax.scheduler import ScheduledSeq, SchedulerOutput
+from yaie_jax.step_types import ScheduledSeq, SchedulerOutput
 
 BASE = dict(dtype="float32", attention_backend="xla", warmup=False, compile_cache_dir=None, max_num_seqs=8,
             max_num_batched_tokens=64, num_decode_steps=4)

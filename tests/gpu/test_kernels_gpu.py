@@ -97,7 +97,7 @@ CASCADE = [
 @pytest.mark.parametrize("groups,hkv,g,d,bs,m", CASCADE)
 def test_cascade_matches_plain_decode(groups, hkv, g, d, bs, m):
     from pallas_kernels.testing import shared_prefix_case
-    from yaie_jax.cascade import plan_cascade
+    from yaie_jax.executor.cascade import plan_cascade
     rng = np.random.default_rng()
     case, _ = shared_prefix_case(rng, groups, num_kv_heads=hkv, group=g, head_dim=d, block_size=bs, dtype=BF16)
     plan = plan_cascade(case.block_tables, case.context_lens, block_size=bs, max_items=8, members_per_item=m,

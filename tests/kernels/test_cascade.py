@@ -1,4 +1,4 @@
-"""Cascade decode attention: the host planner (yaie_jax.cascade) against a brute-force check of its contract, and
+"""Cascade decode attention: the host planner (yaie_jax.executor.cascade) against a brute-force check of its contract, and
 the kernel (GPU interpret mode) with a plan against plain decode attention over the full tables (reference and
 float64 brute force)."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import pallas_kernels as pk
 from pallas_kernels import reference as ref
 from pallas_kernels.testing import rel_err, shared_prefix_case
-from yaie_jax.cascade import empty_plan, plan_cascade
+from yaie_jax.executor.cascade import empty_plan, plan_cascade
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _brute  # noqa: E402

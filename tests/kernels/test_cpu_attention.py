@@ -1,4 +1,4 @@
-"""The "xla" attention as the CPU runs it (yaie_jax.attention._cpu_tuned: decode row by row up to the last row
+"""The "xla" attention as the CPU runs it (yaie_jax.executor.attention._cpu_tuned: decode row by row up to the last row
 with context, prefill one work item per iteration, pages of a bit-pattern pool viewed after the gather): the same
 output bit for bit from a pool of values and from its uint16 bit patterns; the batched reference's up to float32
 rounding (other dot shapes, other summation order), and the float64 brute force's within tolerance."""
@@ -12,7 +12,7 @@ import pytest
 
 from pallas_kernels import reference as ref
 from pallas_kernels.testing import decode_case, prefill_case
-from yaie_jax.attention import _cpu_tuned
+from yaie_jax.executor.attention import _cpu_tuned
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _brute  # noqa: E402

@@ -1,4 +1,4 @@
-"""The property deterministic mode (yaie_jax/deterministic.py) builds on: at fixed input shapes, the ragged prefill
+"""The property deterministic mode (yaie_jax/executor/deterministic.py) builds on: at fixed input shapes, the ragged prefill
 attention of a query depends only on its own position and keys, bit for bit -- not on where its segment starts in
 the token chunk, how the sequence's queries are split into segments (a prompt chunk or a 1-token decode segment),
 or what the other segments hold. Checked for the XLA reference and the Pallas kernel (GPU interpret mode), bf16

@@ -344,7 +344,7 @@ def test_hub_timeout_argument_wins_and_the_engine_passes_its_own(monkeypatch, ti
     load_tokenizer("org/m", hub_timeout_s=0.5)
     assert timeouts == [1.5, 2.5, 0.5]
     del timeouts[:]
-    from yaie_jax.engine import LLMEngine
+    from yaie_jax.engine.core import LLMEngine
     LLMEngine(model="org/m", dtype="float32", attention_backend="xla", warmup=False, compile_cache_dir=None,
               max_num_seqs=2, max_num_batched_tokens=64, hub_timeout_s=4.5)
     assert timeouts == [4.5, 4.5]                   # weights and tokenizer

@@ -35,7 +35,7 @@ k_pages = llm.engine.runner.kv_caches[0][0]
 stats = llm.get_stats()
 leader = None
 if jax.process_count() > 1:
-    from yaie_jax import distributed
+    from yaie_jax.executor import distributed
     leader = dict(distributed._leader.counts)
 print("RESULT" + json.dumps({
     "tokens": [[c.token_ids for c in o.outputs] for o in outs],

@@ -1,4 +1,4 @@
-"""Multi-host serving (yaie_jax/distributed.py).
+"""Multi-host serving (yaie_jax/executor/distributed.py).
 
 - Two `jax.distributed` processes on localhost, 2 fake CPU devices each, TP=4 over all four (cross-process
   collectives through gloo): process 0 schedules and gives the greedy tokens of a single-process TP=1 run; process
@@ -21,7 +21,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import support  # noqa: E402
 
-from yaie_jax import distributed  # noqa: E402
+from yaie_jax.executor import distributed  # noqa: E402
 from yaie_jax.config import EngineConfig  # noqa: E402
 
 HERE = os.path.dirname(__file__)
@@ -137,7 +137,7 @@ def test_follower_refuses_a_different_engine():
 
 def test_codec_round_trip_and_refuses_device_arrays():
     import jax.numpy as jnp
-    from yaie_jax import sampling
+    from yaie_jax.executor import sampling
 
     sb, flags = sampling.build_sampling_batch([], pad_to=4, eos_token_ids=[0], engine_seed=0, vocab_size=50)
     msg = ["run_program", ["multi", {"ids": np.arange(6, dtype=np.int32).reshape(2, 3),

@@ -87,7 +87,7 @@ def test_llama_tp_1_2_4_same_tokens(tp_results):
 
 
 def test_tp_refuses_indivisible_heads(tmp_path):
-    from yaie_jax.parallel import check_divisible
+    from yaie_jax.executor.parallel import check_divisible
     from yaie_jax.models.config import ModelConfig
     cfg = ModelConfig(arch="llama", vocab_size=10, hidden_size=576, num_layers=1, num_heads=9, num_kv_heads=3,
                       head_dim=64, intermediate_size=8, max_position_embeddings=8, norm_eps=1e-5)
@@ -97,7 +97,7 @@ def test_tp_refuses_indivisible_heads(tmp_path):
 
 
 def test_head_layout_choice_and_vocab_refusal(monkeypatch):
-    from yaie_jax import parallel
+    from yaie_jax.executor import parallel
     from yaie_jax.models.config import ModelConfig
     monkeypatch.delenv("YAIE_TP_HEAD", raising=False)
     assert parallel.head_layout() == "replicated"

@@ -4,7 +4,7 @@
 
 One process for several models saves JAX's start-up per model. RUNS: comma-separated `backend:tp[:head]` (e.g.
 `xla:1,pallas:2,xla:4:vocab`); head is the LM head / embedding layout, "replicated" (default) or "vocab" (engine
-argument tp_head_layout, yaie_jax/parallel.py). Prints one line `RESULT{json}`: per model dir and run the greedy
+argument tp_head_layout, yaie_jax/executor/parallel.py). Prints one line `RESULT{json}`: per model dir and run the greedy
 tokens, how the KV pool, the first QKV kernel, the token embedding and an untied head are split, and the wall time.
 """
 import json

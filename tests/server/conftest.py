@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from fake_engine import FakeEngine  # noqa: E402
 
-from yaie_jax.async_engine import AsyncEngine  # noqa: E402
+from yaie_jax.engine.async_engine import AsyncEngine  # noqa: E402
 from yaie_jax.server.app import create_app  # noqa: E402
 from yaie_jax.server.settings import ServerSettings  # noqa: E402
 
@@ -102,7 +102,7 @@ class LiveServer:
 
 def make_real_engine():
     import support
-    from yaie_jax.engine import LLMEngine
+    from yaie_jax.engine.core import LLMEngine
     path = support.make_gpt2_dir(os.path.join(os.environ.get("TMPDIR", "/tmp"), "yaie_server_tiny_gpt2"),
                                  n_positions=256)
     return LLMEngine(model=path, dtype="float32", max_num_seqs=32, num_gpu_blocks=256, block_size=16,

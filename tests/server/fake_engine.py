@@ -1,4 +1,4 @@
-"""A deterministic stand-in for `yaie_jax.engine.LLMEngine`, so the server tests need no model.
+"""A deterministic stand-in for `yaie_jax.engine.core.LLMEngine`, so the server tests need no model.
 
 It implements the engine interface the server relies on (add_request / make_request + add_prepared /
 abort_request / step / has_unfinished_requests / get_stats, `tokenizer`, `model_config`, `max_model_len`,

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 from fake_engine import FakeEngine
 
-from yaie_jax.async_engine import AsyncEngine, EngineDeadError, EngineUnavailableError
+from yaie_jax.engine.async_engine import AsyncEngine, EngineDeadError, EngineUnavailableError
 from yaie_jax.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=5)

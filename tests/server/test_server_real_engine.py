@@ -9,7 +9,7 @@ import pytest
 
 import support
 from conftest import live_server
-from yaie_jax.engine import LLMEngine
+from yaie_jax.engine.core import LLMEngine
 
 ENGINE = dict(attention_backend="xla", warmup=False, compile_cache_dir=None)
 

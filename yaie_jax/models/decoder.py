@@ -3,7 +3,7 @@
     x = x + out_proj(attention(layer_idx, *qkv_proj(norm(x)), kv_cache))     # RoPE on q, k when positions="rope"
     x = x + mlp(norm(x))
 
-The projections' param names follow from the spec's kinds (they are the names yaie_jax/parallel.py's placement
+The projections' param names follow from the spec's kinds (they are the names yaie_jax/executor/parallel.py's placement
 rules match, so a family built from these kinds is tensor-parallel without touching parallel.py):
   qkv "separate": q_proj [D, Hq*Dh], k_proj, v_proj [D, Hkv*Dh], o_proj [Hq*Dh, D]     (Llama)
   qkv "fused":    attn_qkv [D, 3D] (columns in ModelConfig.qkv_groups groups), attn_out [D, D]; MHA only (GPT-2)

@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.middleware.cors import CORSMiddleware
 
-from ..async_engine import AsyncEngine
+from yaie_jax.engine.async_engine import AsyncEngine
 from .settings import ServerSettings
 from .auth import APIKeys, AuthRateLimitMiddleware, RateLimiter
 from .errors import install_error_handlers

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..async_engine import EngineDeadError
+from yaie_jax.engine.async_engine import EngineDeadError
 from ..errors import InvalidRequestError
 
 logger = logging.getLogger("yaie_jax.server")

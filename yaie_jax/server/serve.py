@@ -2,7 +2,7 @@
 
 Start-up: build the effective configuration (defaults < `--config` YAML < environment < flags; see
 `yaie_jax.server.settings`), print it as JSON (API keys redacted) with any warnings, construct the engine
-(`yaie_jax.engine.LLMEngine(config)`, imported only now so `--help`/`--print-config` stay fast), wrap it in an
+(`yaie_jax.engine.core.LLMEngine(config)`, imported only now so `--help`/`--print-config` stay fast), wrap it in an
 `AsyncEngine`, and run uvicorn.
 
 Shutdown (SIGTERM or Ctrl-C): the server stops accepting connections and new requests (503 + Retry-After on
@@ -35,7 +35,7 @@ def build_engine(settings: Settings, factory: Optional[str] = None):
         mod_name, _, fn_name = factory.partition(":")
         fn = getattr(importlib.import_module(mod_name), fn_name or "make_engine")
         return fn(settings.engine)
-    from ..engine import LLMEngine
+    from yaie_jax.engine.core import LLMEngine
     return LLMEngine(settings.engine)
 
 
@@ -116,7 +116,7 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m yaie_ja
     # holds the GIL) would slow these imports down several times, between warm-up and serving
     import uvicorn
 
-    from ..async_engine import AsyncEngine
+    from yaie_jax.engine.async_engine import AsyncEngine
     from .app import create_app
     from .logging import StackSampler, fmt_age
     logger.info("start-up: building the engine, %s (Python start-up, imports, configuration)", fmt_age())

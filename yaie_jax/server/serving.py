@@ -21,7 +21,7 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from ..async_engine import AsyncEngine, EngineDeadError, EngineUnavailableError, RequestStream
+from yaie_jax.engine.async_engine import AsyncEngine, EngineDeadError, EngineUnavailableError, RequestStream
 from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
 from .settings import ServerSettings

@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Callable, List, Optional, Tuple
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ..async_engine import EngineDeadError, EngineUnavailableError, RequestStream
+from yaie_jax.engine.async_engine import EngineDeadError, EngineUnavailableError, RequestStream
 from ..outputs import CompletionOutput, RequestOutput
 from .errors import engine_refusal, engine_unavailable
 from .tracking import Call, OutputTracker, RequestRecorder, usage_of

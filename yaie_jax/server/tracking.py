@@ -15,7 +15,7 @@ import logging
 import time
 from typing import List, Optional
 
-from ..async_engine import RequestStream
+from yaie_jax.engine.async_engine import RequestStream
 from ..outputs import CompletionOutput, RequestOutput
 from .logging import RequestLog, fmt_age
 from .metrics import ServerMetrics

@@ -40,7 +40,7 @@ import threading
 import time
 from typing import Any, Iterable, Optional
 
-logger = logging.getLogger("yaie_jax.aot_cache")
+logger = logging.getLogger("yaie_jax.executor.aot_cache")
 
 SUBDIR = "yaie_aot"
 KEEP_FINGERPRINTS = 4          # older fingerprint directories are removed when a new one is created

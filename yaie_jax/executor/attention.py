@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .parallel import AXIS, shard_map
+from yaie_jax.executor.parallel import AXIS, shard_map
 
 
 def kernel_functions(backend: str):
@@ -47,7 +47,7 @@ def make_paged_attention(backend: str, *, decode: bool, slot_mapping, query_star
     """The attention callable of one step (models/base.py contract). With a TP `mesh` the KV pool stays split by
     KV head (parallel.py): the K/V writes run per shard for either backend, and so do the "pallas" kernels
     (`_per_shard`); the "xla" attention is left to XLA's partitioner. `cascade`: a decode step's cascade plan
-    (yaie_jax/cascade.py; arrays), or None for plain paged decode attention. `kv_dtype`: the dtype of the pool's
+    (yaie_jax/executor/cascade.py; arrays), or None for plain paged decode attention. `kv_dtype`: the dtype of the pool's
     values where the pool's arrays hold their bit patterns instead (`kv_storage_dtype`), else None."""
     write_kv, paged_attention, ragged_prefill_attention, cascade_attention = kernel_functions(backend)
     cpu_xla = backend == "xla" and jax.default_backend() == "cpu"

@@ -12,7 +12,7 @@ Shapes are padded to buckets so XLA compiles a bounded set of programs:
                 with warm-up on >= 64, see cpu_programs.py), S = min(T, S_max)
 (one program per T rather than per (T, S) pair: fewer compiles at start-up; see `padded_shape`).
 Padding tokens write nowhere (slot -1) and padding sequences have context length 0 (attention outputs zeros).
-Deterministic mode (yaie_jax/deterministic.py) replaces these programs with one fixed-shape step and one fused one.
+Deterministic mode (yaie_jax/executor/deterministic.py) replaces these programs with one fixed-shape step and one fused one.
 """
 from __future__ import annotations
 
@@ -30,19 +30,20 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import prompt_logprobs, sampling
-from .attention import kv_storage_dtype, make_paged_attention
-from . import aot_cache
-from . import cascade
-from . import deterministic
-from .compile_tracker import CompileTracker
-from .config import EngineConfig
-from .cpu_programs import MIN_PREFILL_TOKENS, CpuProgramPlan
-from .models.base import CausalLM
-from .sampling_superset import describe
-from .scheduler import SchedulerOutput
+from yaie_jax.executor import prompt_logprobs
+from yaie_jax.executor import sampling
+from yaie_jax.executor.attention import kv_storage_dtype, make_paged_attention
+from yaie_jax.executor import aot_cache
+from yaie_jax.executor import cascade
+from yaie_jax.executor import deterministic
+from yaie_jax.executor.compile_tracker import CompileTracker
+from yaie_jax.config import EngineConfig
+from yaie_jax.executor.cpu_programs import MIN_PREFILL_TOKENS, CpuProgramPlan
+from yaie_jax.models.base import CausalLM
+from yaie_jax.executor.sampling_superset import describe
+from yaie_jax.step_types import SchedulerOutput
 
-logger = logging.getLogger("yaie_jax.runner")
+logger = logging.getLogger("yaie_jax.executor.runner")
 
 JNP_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
@@ -107,7 +108,7 @@ class ModelRunner:
         if not num_gpu_blocks:
             self.num_gpu_blocks = self.auto_num_blocks()
             if jax.process_count() > 1:    # multi-host: every process allocates the same pool
-                from .distributed import agree_min
+                from yaie_jax.executor.distributed import agree_min
                 self.num_gpu_blocks = agree_min("num_gpu_blocks", self.num_gpu_blocks)
         self.kv_caches = self._alloc_kv()
         self.host_kv: Optional[np.ndarray] = None
@@ -127,7 +128,7 @@ class ModelRunner:
         # before these are read back) takes its input tokens from them on the device; see `_multi_step_impl`
         self.last_fused_tokens = None
         # the last step's prompt logprobs (device PromptLogprobs) and which prompt tokens they are (StepRows), or
-        # None: read by the engine right after `dispatch` (yaie_jax/prompt_logprobs.py)
+        # None: read by the engine right after `dispatch` (yaie_jax/executor/prompt_logprobs.py)
         self.last_prompt_logprobs = None
         self.last_prompt_rows = None
         self.compile_log: List[tuple] = []  # one entry per compiled program (see `compiled`)
@@ -141,13 +142,13 @@ class ModelRunner:
         self._last_step_t = 0.0             # monotonic time of the last step dispatched (background compiles wait)
         self._background_not_before = 0.0   # monotonic time before which background compiles do not start
         self._background_trace_lock = threading.Lock()   # one background compile traces/lowers at a time
-        # deterministic mode (yaie_jax/deterministic.py): every step runs "det" / "det_multi" programs instead
+        # deterministic mode (yaie_jax/executor/deterministic.py): every step runs "det" / "det_multi" programs instead
         self.det = deterministic.DeterministicSteps(self) if config.deterministic else None
         if self.det is not None:
             self._det_step_fn = jax.jit(self.det.step_impl, donate_argnums=(1,), static_argnames=("flags",))
             self._det_multi_step_fn = jax.jit(self.det.multi_step_impl, donate_argnums=(1,),
                                               static_argnames=("flags", "num_steps"))
-        # Cascade attention (yaie_jax/cascade.py, its policy there) for decode buckets of >= CASCADE_MIN_ROWS rows
+        # Cascade attention (yaie_jax/executor/cascade.py, its policy there) for decode buckets of >= CASCADE_MIN_ROWS rows
         self.cascade_group = max(1, self.mc.num_heads // self.mc.num_kv_heads)
         self.cascade_enabled = (config.cascade_attention and self.attention_backend == "pallas"
                                 and self.cascade_group <= 32 and self.det is None)
@@ -218,7 +219,7 @@ class ModelRunner:
         rows = hidden[batch["logits_index"]]                       # [S, hidden]
         logits = self.model.apply_logits(params, rows)             # [S, vocab] float32
         result = sampling.sample(logits, sbatch, flags=flags)
-        if "prompt_index" in batch:                                # prompt logprobs (yaie_jax/prompt_logprobs.py)
+        if "prompt_index" in batch:                                # prompt logprobs (yaie_jax/executor/prompt_logprobs.py)
             prompt_logits = self.model.apply_logits(params, hidden[batch["prompt_index"]])   # [P, vocab] float32
             result = (result, prompt_logprobs.compute(prompt_logits, batch["prompt_target"]))
         return result, kv_caches
@@ -349,7 +350,7 @@ class ModelRunner:
         return batch, decode, S
 
     def cascade_plan(self, kind: str, block_tables: np.ndarray, context_lens: np.ndarray, num_seqs: int):
-        """The cascade plan of a decode batch (yaie_jax/cascade.py), or None: cascade off, a bucket below
+        """The cascade plan of a decode batch (yaie_jax/executor/cascade.py), or None: cascade off, a bucket below
         CASCADE_MIN_ROWS, no rows sharing a prefix of >= cascade.MIN_PREFIX_TOKENS, or (while warm-up compiles in
         the background) the bucket's cascade program not compiled yet -- plain decode attention gives the same
         result, only reading the shared pages once per row."""
@@ -467,7 +468,7 @@ class ModelRunner:
     def compiled(self, kind: str, batch, sbatch, flags, num_steps: int = 1, trace_lock=None,
                  reason: str = "first use") -> "jax.stages.Compiled":
         """The compiled program for these input shapes (ahead-of-time: lower + compile once, then reuse). With
-        the compiled-program store (yaie_jax/aot_cache.py) a program compiled by an earlier process with the same
+        the compiled-program store (yaie_jax/executor/aot_cache.py) a program compiled by an earlier process with the same
         fingerprint is loaded instead (no tracing, lowering or XLA compile), and new ones are saved to it. A
         program another thread is compiling is waited for, not compiled twice; `reason` (why it is needed) goes
         to the log and to `compile_tracker` (/health) while it compiles."""

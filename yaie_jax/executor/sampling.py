@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .sampling_params import SamplingParams
+from yaie_jax.sampling_params import SamplingParams
 
 MIN_TEMPERATURE = 1e-5
 

@@ -32,9 +32,9 @@ from typing import List, Tuple
 import jax
 import numpy as np
 
-from .sampling_superset import GREEDY, SUPERSET, describe, history_width, to_superset
+from yaie_jax.executor.sampling_superset import GREEDY, SUPERSET, describe, history_width, to_superset
 
-logger = logging.getLogger("yaie_jax.runner")
+logger = logging.getLogger("yaie_jax.executor.runner")
 
 MIN_PREFILL_TOKENS = 64       # smallest prefill bucket (the README's question is 37 tokens with the template)
 

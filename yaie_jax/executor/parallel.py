@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .config import TP_HEAD_LAYOUTS as HEAD_LAYOUTS, env_default
+from yaie_jax.config import TP_HEAD_LAYOUTS as HEAD_LAYOUTS, env_default
 
 AXIS = "tp"
 

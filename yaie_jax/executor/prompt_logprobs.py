@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .outputs import Logprob
+from yaie_jax.outputs import Logprob
 
 PROMPT_TOPK = 20          # alternatives computed per prompt token (the largest `prompt_logprobs` allowed)
 MIN_ROWS = 16             # smallest padded row count (fewer programs for short chunks)

@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from .sampling import SamplingBatch, SamplingFlags
+from yaie_jax.executor.sampling import SamplingBatch, SamplingFlags
 
 GREEDY = SamplingFlags(all_greedy=True, any_filters=False, any_penalties=False, any_suppress=False,
                        num_logprobs=0)

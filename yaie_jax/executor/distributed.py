@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-logger = logging.getLogger("yaie_jax.distributed")
+logger = logging.getLogger("yaie_jax.executor.distributed")
 
 # The ModelRunner methods through which the engine reaches the device (each runs device programs that every
 # process must run too). A new runner method that launches a device program from the engine belongs here.
@@ -136,7 +136,7 @@ def agree_min(name: str, value: int) -> int:
 
 # ---------------------------------------------------------------------------------------------------- messages
 def _named_tuples() -> Dict[str, type]:
-    from . import sampling
+    from yaie_jax.executor import sampling
     return {f"{c.__module__}.{c.__qualname__}": c
             for c in (sampling.SamplingBatch, sampling.SamplingFlags, sampling.SampleResult)}
 

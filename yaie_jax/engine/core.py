@@ -19,18 +19,22 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequenc
 import jax
 import numpy as np
 
-from . import distributed, gc_pause, prompt_logprobs, sampling
-from .cache import BlockManager
-from .config import EngineConfig, env_default
-from .detokenizer import CONTEXT_TOKENS, IncrementalDetokenizer, decode_token, final_texts
-from .errors import ContextLengthError, InvalidRequestError
-from .outputs import CompletionOutput, Logprob, RequestOutput
-from .runner import ModelRunner
-from .sampling_params import SamplingParams
-from .scheduler import Scheduler, SchedulerOutput
-from .sequence import Request, Sequence, SeqStatus
+from yaie_jax.executor import distributed
+from yaie_jax.engine import gc_pause
+from yaie_jax.executor import prompt_logprobs
+from yaie_jax.executor import sampling
+from yaie_jax.cache import BlockManager
+from yaie_jax.config import EngineConfig, env_default
+from yaie_jax.engine.detokenizer import CONTEXT_TOKENS, IncrementalDetokenizer, decode_token, final_texts
+from yaie_jax.errors import ContextLengthError, InvalidRequestError
+from yaie_jax.outputs import CompletionOutput, Logprob, RequestOutput
+from yaie_jax.executor.runner import ModelRunner
+from yaie_jax.sampling_params import SamplingParams
+from yaie_jax.scheduler import Scheduler
+from yaie_jax.step_types import SchedulerOutput
+from yaie_jax.sequence import Request, Sequence, SeqStatus
 
-logger = logging.getLogger("yaie_jax.engine")
+logger = logging.getLogger("yaie_jax.engine.core")
 
 PromptType = Union[str, List[int]]
 
@@ -102,7 +106,7 @@ def setup_compile_cache(cache_dir: Optional[str], log_compiles: Optional[int] = 
 def resolve_model_source(model: Optional[str]) -> str:
     if model:
         return model
-    from .models.default_model import default_model_path
+    from yaie_jax.models.default_model import default_model_path
     return str(default_model_path())
 
 
@@ -121,9 +125,9 @@ class LLMEngine:
         gc_pause.install_pause_meter()        # process-wide collector-pause meter (get_stats()["gc"]); idempotent
         distributed.initialize_for(config)     # multi-host: jax.distributed before any device use
 
-        from .models.dtype_policy import resolve_dtype
-        from .models.loader import load_model
-        from .tokenizer import load_tokenizer
+        from yaie_jax.models.dtype_policy import resolve_dtype
+        from yaie_jax.models.loader import load_model
+        from yaie_jax.tokenizer import load_tokenizer
         source = resolve_model_source(config.model)
         self.requested_dtype = config.dtype
         dtype, why = resolve_dtype(config.dtype, config.model)
@@ -163,7 +167,7 @@ class LLMEngine:
             raise ValueError(f"invalid engine argument max_num_batched_tokens={config.max_num_batched_tokens}: "
                              f"must be >= max_model_len ({self.max_model_len}) when chunked prefill is off")
         if config.tensor_parallel_size > 1:
-            from .parallel import group_fused_qkv, make_tp_placement
+            from yaie_jax.executor.parallel import group_fused_qkv, make_tp_placement
             self.model = group_fused_qkv(self.model, config.tensor_parallel_size)
             placement = make_tp_placement(self.model, config.tensor_parallel_size, head=config.tp_head_layout)
         else:
@@ -214,8 +218,8 @@ class LLMEngine:
 
     def _resolve_batch_defaults(self, config: EngineConfig):
         """Fill the batch-shape arguments the user left unset (yaie_jax/defaults.py has the rule)."""
-        from . import defaults
-        from .runner import JNP_DTYPES
+        from yaie_jax import defaults
+        from yaie_jax.executor.runner import JNP_DTYPES
         mc, tp = self.model_config, max(1, config.tensor_parallel_size)
         itemsize = np.dtype(JNP_DTYPES[config.dtype]).itemsize
         per_token = defaults.kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, itemsize) // tp
@@ -810,7 +814,7 @@ class LLM:
     def chat(self, messages, sampling_params: Union[None, SamplingParams, Seq[SamplingParams]] = None, *,
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> List[RequestOutput]:
         """Apply the tokenizer's chat template to one conversation (a list of {role, content}) or a list of them."""
-        from .tokenizer import apply_chat_template
+        from yaie_jax.tokenizer import apply_chat_template
         if self.engine.tokenizer is None:
             raise ValueError("chat needs a tokenizer; this engine was built with skip_tokenizer_init")
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)

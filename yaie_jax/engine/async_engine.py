@@ -33,10 +33,10 @@ import threading
 import time
 from typing import Any, AsyncIterator, Dict, List, Optional, Union
 
-from .outputs import CompletionOutput, RequestOutput
-from .sampling_params import SamplingParams
+from yaie_jax.outputs import CompletionOutput, RequestOutput
+from yaie_jax.sampling_params import SamplingParams
 
-logger = logging.getLogger("yaie_jax.async_engine")
+logger = logging.getLogger("yaie_jax.engine.async_engine")
 
 PromptType = Union[str, List[int]]
 

@@ -42,8 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import sampling
-from .attention import make_paged_attention
+from yaie_jax.executor import sampling
+from yaie_jax.executor.attention import make_paged_attention
 
 KINDS = ("det", "det_multi")          # the runner's program kinds in this mode (single step, fused decode)
 # tokens per model call and rows per LM-head/sampler call; one value per platform (a GPU wants big matmuls, a
