@@ -39,7 +39,7 @@ SECOND = {"messages": [{"role": "user", "content": "Name three colors."}], "max_
           "top_p": 0.9, "seed": 1}
 THIRD = {"messages": [{"role": "user", "content": "Name three animals."}], "max_tokens": 16, "temperature": 0,
          "presence_penalty": 0.5}
-COMPILE_LINE = re.compile(r"yaie_jax\.runner \[[^\]]*\]: (.*(?:compil|superset program).*)$")
+COMPILE_LINE = re.compile(r"yaie_jax\.executor\.runner \[[^\]]*\]: (.*(?:compil|superset program).*)$")
 
 
 def post(port: int, body: dict, timeout: float = 900.0) -> dict:

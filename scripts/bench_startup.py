@@ -114,7 +114,7 @@ STAGE_PATTERNS = {
 FIRST_LATENCY = re.compile(r"start-up: first request answered, .*\(its latency ([0-9.]+) s\)")
 BUILT = re.compile(r"start-up: engine built in ([0-9.]+) s, .*; (\d+) step programs compiled so far: "
                    r"trace\+lower ([0-9.]+) s, compile ([0-9.]+) s")
-COMPILED = re.compile(r"yaie_jax\.runner.*: compiled (\w+) S=(\d+) T=(\d+) steps=(\d+): "
+COMPILED = re.compile(r"yaie_jax\.executor\.runner.*: compiled (\w+) S=(\d+) T=(\d+) steps=(\d+): "
                       r"trace\+lower ([0-9.]+) s, compile ([0-9.]+) s")
 HIT = re.compile(r"Persistent compilation cache hit for '([^']+)'")
 MISS = re.compile(r"PERSISTENT COMPILATION CACHE MISS for '([^']+)'")

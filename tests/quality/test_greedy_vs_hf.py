@@ -51,12 +51,14 @@ def test_bf16_greedy_agreement_floor(engine_run, hf_answers, tok):
 
 
 def test_greedy_floor_rule():
-    """The 16-bit floor: the fixed floors, or HF's own agreement in that dtype on the same device."""
+    """The 16-bit floor: the fixed floors, or HF's own exact count in that dtype less two binomial deviations."""
     n = 24
-    low = {"prompts": n, "exact": 11, "exact_frac": 11 / n, "mean_prefix_frac": 0.7}
-    assert qc.greedy_floor_failures(low, None)
-    assert not qc.greedy_floor_failures(low, {"exact": 9, "mean_prefix_frac": 0.6})
-    assert qc.greedy_floor_failures(low, {"exact": 12, "mean_prefix_frac": 0.6})
-    assert qc.greedy_floor_failures(low, {"exact": 9, "mean_prefix_frac": 0.71})
-    high = {"prompts": n, "exact": 20, "exact_frac": 20 / n, "mean_prefix_frac": 0.87}
-    assert not qc.greedy_floor_failures(high, {"exact": 23, "mean_prefix_frac": 0.95})
+
+    def agree(exact, prefix):
+        return {"prompts": n, "exact": exact, "exact_frac": exact / n, "mean_prefix_frac": prefix}
+    assert not qc.greedy_floor_failures(agree(18, 0.85), None)             # 0.75 of 24
+    assert qc.greedy_floor_failures(agree(17, 0.85), None)
+    assert qc.greedy_floor_failures(agree(20, 0.79), None)                 # the prefix floor holds on its own
+    assert not qc.greedy_floor_failures(agree(15, 0.82), agree(18, 0.88))  # 18 - 2*sqrt(24*.75*.25) = 13.8
+    assert qc.greedy_floor_failures(agree(13, 0.82), agree(18, 0.88))
+    assert qc.greedy_floor_failures(agree(17, 0.85), agree(24, 1.0))      # HF better: the fixed floor stays
