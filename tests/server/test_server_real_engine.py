@@ -80,3 +80,44 @@ def test_server_without_a_tokenizer_takes_token_ids_and_refuses_text(tmp_path):
             assert resp.status_code == 400, (url, resp.text)
             err = resp.json()["error"]
             assert err["param"] == param and "tokenizer" in err["message"], err
+
+
+def test_prompt_logprobs_over_http_equal_the_engines(tmp_path):
+    """vLLM's `prompt_logprobs` extra parameter: the completions choice (and chat's top level) carries the engine's
+    own prompt logprobs, entry 0 None; a streamed request asking for them is a 400 naming the field."""
+    from yaie_jax import SamplingParams
+    path = support.make_gpt2_dir(str(tmp_path))
+    eng = LLMEngine(model=path, dtype="float32", **ENGINE)
+    prompt = [5, 17, 99, 3, 250]
+    eng.add_request("ref", prompt, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2))
+    ref = None
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            ref = out if out.finished else ref
+    want = ref.prompt_logprobs
+    assert want[0] is None and len(want) == len(prompt)
+    with live_server(engine=eng) as srv:
+        r = srv.client().completions.create(model=srv.model, prompt=prompt, max_tokens=1, temperature=0,
+                                            extra_body={"prompt_logprobs": 2})
+        got = r.choices[0].model_extra["prompt_logprobs"]
+        assert got[0] is None and len(got) == len(prompt)
+        for pos, (g, w) in enumerate(zip(got[1:], want[1:]), start=1):
+            assert str(prompt[pos]) in g                       # the prompt token itself, plus the top 2
+            assert {int(k) for k in g} == set(w)
+            for k, v in g.items():
+                assert v["logprob"] == pytest.approx(w[int(k)].logprob, abs=1e-6)
+                assert v["rank"] == w[int(k)].rank
+        plain = srv.client().completions.create(model=srv.model, prompt=prompt, max_tokens=1, temperature=0)
+        assert "prompt_logprobs" not in (plain.choices[0].model_extra or {})
+        resp = httpx.post(srv.url + "/v1/completions", timeout=30, json={
+            "model": srv.model, "prompt": prompt, "max_tokens": 1, "stream": True, "prompt_logprobs": 1})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt_logprobs"
+        resp = httpx.post(srv.url + "/v1/completions", timeout=30, json={
+            "model": srv.model, "prompt": prompt, "max_tokens": 1, "prompt_logprobs": 21})
+        assert resp.status_code == 400
+        chat = httpx.post(srv.url + "/v1/chat/completions", timeout=30, json={
+            "model": srv.model, "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 1,
+            "prompt_logprobs": 0}).json()
+        plps = chat["prompt_logprobs"]
+        assert plps[0] is None and len(plps) == chat["usage"]["prompt_tokens"]
+        assert all(len(e) == 1 for e in plps[1:])                 # 0: only the prompt token's own

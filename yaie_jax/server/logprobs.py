@@ -2,6 +2,8 @@
 
 - completions: {"tokens", "token_logprobs", "top_logprobs" (one {text: logprob} per token), "text_offset"}
 - chat:        {"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}
+and prompt logprobs in vLLM's format (both endpoints): one entry per prompt token, None for the first, else
+{token_id: {"logprob", "rank", "decoded_token"}} holding the prompt token and the top-k alternatives.
 
 Both cover the output's tokens from index `start` on (a streamed chunk sends only the new ones). JSON has no
 -inf: every logprob is clamped to `LOGPROB_FLOOR` (vLLM does the same); a missing or NaN one is the floor.
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..outputs import CompletionOutput, Logprob
+from ..outputs import CompletionOutput, Logprob, PromptLogprobs
 
 LOGPROB_FLOOR = -9999.0
 
@@ -70,4 +72,15 @@ def chat_logprobs(tokenizer, c: CompletionOutput, start: int, top_n: int) -> Opt
     return {"content": content}
 
 
-__all__ = ["LOGPROB_FLOOR", "clamp_logprob", "token_text", "completion_logprobs", "chat_logprobs"]
+def prompt_logprobs_json(tokenizer, entries: Optional[PromptLogprobs]) -> Optional[list]:
+    """vLLM's prompt_logprobs JSON of a `RequestOutput.prompt_logprobs` (None when it was not asked for)."""
+    if entries is None:
+        return None
+    return [None if e is None else
+            {str(t): {"logprob": clamp_logprob(lp.logprob), "rank": lp.rank,
+                      "decoded_token": token_text(tokenizer, t, lp)} for t, lp in e.items()}
+            for e in entries]
+
+
+__all__ = ["LOGPROB_FLOOR", "clamp_logprob", "token_text", "completion_logprobs", "chat_logprobs",
+           "prompt_logprobs_json"]

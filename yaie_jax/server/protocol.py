@@ -60,6 +60,7 @@ class _SamplingFields(_Base):
     priority: Optional[int] = Field(None, ge=INT64_MIN, le=2 ** 63 - 1)
     skip_special_tokens: Optional[bool] = None
     include_stop_str_in_output: Optional[bool] = None
+    prompt_logprobs: Optional[int] = Field(None, ge=0, le=20)   # vLLM's: top-k logprobs per prompt token
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -92,6 +93,8 @@ class _SamplingFields(_Base):
             raise _param_error("stream_options", "stream_options is only allowed when stream is true")
         if self.logit_bias:
             raise _param_error("logit_bias", "logit_bias is not supported by this server")
+        if self.prompt_logprobs is not None and self.stream:
+            raise _param_error("prompt_logprobs", "prompt_logprobs is only returned by non-streamed requests")
         return self
 
     def sampling_params(self, *, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
@@ -104,7 +107,7 @@ class _SamplingFields(_Base):
                 presence_penalty=_d(self.presence_penalty, 0.0), frequency_penalty=_d(self.frequency_penalty, 0.0),
                 seed=self.seed, max_tokens=max_tokens, min_tokens=_d(self.min_tokens, 0),
                 stop=list(self.stop or []), stop_token_ids=list(self.stop_token_ids or []),
-                ignore_eos=_d(self.ignore_eos, False), logprobs=logprobs,
+                ignore_eos=_d(self.ignore_eos, False), logprobs=logprobs, prompt_logprobs=self.prompt_logprobs,
                 include_stop_str_in_output=_d(self.include_stop_str_in_output, False),
                 skip_special_tokens=_d(self.skip_special_tokens, True))
         except ValueError as e:

@@ -26,7 +26,7 @@ from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
 from .settings import ServerSettings
 from .errors import APIError, engine_refusal, engine_unavailable
-from .logprobs import chat_logprobs, completion_logprobs
+from .logprobs import chat_logprobs, completion_logprobs, prompt_logprobs_json
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_request
 from .streaming import ChoiceFn, ClientDisconnected, SSEResponse, merged, run_unless_disconnected, sse_chunks
 from .tracking import Call, OutputTracker, RequestRecorder, usage_of
@@ -139,7 +139,10 @@ class OpenAIServing:
         left = await self.collect(request, call)
         if left is not None:
             return left
-        return self.respond(call, ep, final_choices())
+        extra = None
+        if ep is CHAT and body.prompt_logprobs is not None:   # vLLM: chat's prompt logprobs are top-level
+            extra = {"prompt_logprobs": prompt_logprobs_json(self.tokenizer, call.trackers[0].latest.prompt_logprobs)}
+        return self.respond(call, ep, final_choices(), extra)
 
     def stream(self, call: Call, body, ep: Endpoint, *, first_choices: List[dict],
                choice_of: ChoiceFn) -> SSEResponse:
@@ -176,12 +179,12 @@ class OpenAIServing:
         finally:
             call.abort()
 
-    def respond(self, call: Call, ep: Endpoint, choices: List[dict]) -> JSONResponse:
-        """The non-streamed answer of a collected call (and its request-log line)."""
+    def respond(self, call: Call, ep: Endpoint, choices: List[dict], extra: Optional[dict] = None) -> JSONResponse:
+        """The non-streamed answer of a collected call (and its request-log line); `extra`: top-level fields."""
         self.recorder.log_finished(call, False)
         return JSONResponse({"id": call.rid, "object": ep.object, "created": call.created, "model": call.model,
-                             "choices": choices, "usage": usage_of(call.trackers), "system_fingerprint": None},
-                            headers={"x-request-id": call.rid})
+                             "choices": choices, "usage": usage_of(call.trackers), "system_fingerprint": None,
+                             **(extra or {})}, headers={"x-request-id": call.rid})
 
     # ------------------------------------------------------------------------------------ completions
     async def completions(self, request: Request) -> Response:
@@ -212,6 +215,8 @@ class OpenAIServing:
                 choices.append({"index": pi * call.n + c.index, "text": echo_text[pi] + c.text,
                                 "logprobs": completion_logprobs(self.tokenizer, c, 0, len(echo_text[pi])),
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                if tr.latest.prompt_logprobs is not None:
+                    choices[-1]["prompt_logprobs"] = prompt_logprobs_json(self.tokenizer, tr.latest.prompt_logprobs)
         return choices
 
     def _prompt_text(self, p: Prompt) -> str:
