@@ -22,8 +22,8 @@ from .reference import write_kv
 
 __all__ = ["paged_attention", "cascade_paged_attention", "ragged_prefill_attention", "write_kv", "reference", "GPU_KERNELS_VALIDATED"]
 
-# True: tests/gpu/test_kernels_gpu.py passed on the GPU (H100, jax 0.11.2, 2026-11-27) with this kernel code;
-# the engine's "auto" backend then picks these kernels there. Set False to force the XLA path.
+# True: tests/gpu/test_kernels_gpu.py passes on the GPU with this kernel code (bench/NOTES.md, "Figures moved out
+# of the code"); the engine's "auto" backend then picks these kernels there. Set False to force the XLA path.
 GPU_KERNELS_VALIDATED = True
 
 _NUM_SMS_GUESS = 132     # H100/H200; only steers how many decode splits to make
@@ -66,8 +66,8 @@ def _decode_plan(num_seqs, num_kv_heads, max_blocks, block_size, num_splits=None
 
 
 def _decode_stages(head_dim, stages):
-    # D=128: 2 stages (q 16 KB + ring 64 KB -> 2 programs per SM); 3 stages (112 KB) was 13-37% slower at
-    # batch >= 64 on the H200 (bench/notes_kernels.md, run 3). D=64: 4 stages (72 KB).
+    # Pipeline depth of the K/V ring by head dim, chosen by measurement (bench/NOTES.md, "Figures moved out of
+    # the code"): D=128 2 stages (q 16 KB + ring 64 KB: 2 programs per SM), D=64 4 stages (72 KB).
     if stages is not None:
         return stages
     return 4 if head_dim <= 64 else 2
@@ -212,9 +212,8 @@ def _ragged_prefill_attention(q, k_pages, v_pages, query_start, context_lens, bl
 
 
 # Each kernel call is traced and lowered once per shape and reused, not once per call site: a model calls the
-# kernel from every layer, and lowering a Mosaic GPU kernel costs ~0.4 s of Python (holding the GIL), so a
-# 12-layer step program took ~5 s to lower with inlined calls and ~0.4 s with this wrapping (CPU cross-lowering
-# for "cuda", jax 0.10.2), and its module is ~12x smaller. Inside a jitted step these become one private function
+# kernel from every layer, and lowering a Mosaic GPU kernel is costly Python work holding the GIL (figures in
+# bench/NOTES.md, "Figures moved out of the code"). Inside a jitted step these become one private function
 # called from every layer; XLA inlines it, so the compiled program is the same.
 _KERNEL_STATICS = ("scale", "interpret", "num_splits", "stages")
 _paged_attention_jit = jax.jit(_paged_attention, static_argnames=_KERNEL_STATICS)
