@@ -21,6 +21,7 @@
 #   bash scripts/gpu/perf_stage.sh DET # issue 19.6: W1 default and deterministic (same call), determinism check
 #   bash scripts/gpu/perf_stage.sh S10A # issue 19.6: determinism check (pallas on/off, xla on) (+ GGUF part a)
 #   bash scripts/gpu/perf_stage.sh S10B # issue 19.3: quality suite bf16 and fp32, Mosaic kernels (+ GGUF part b)
+#   bash scripts/gpu/perf_stage.sh S10C # issue 20: old_ref/ (before the restructuring) vs working tree: W4, W1, W2
 #   bash scripts/gpu/perf_stage.sh TP  # issue 8: GPT-2 large at TP sizes $TP_SIZES (2-4 GPU machine)
 set -x
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -296,6 +297,16 @@ S10B)
   export PYTHONPATH=/root/gg:$PYTHONPATH
   TAIL=40 run q_bf16_pallas 260 python3 scripts/quality_suite.py --dtype bfloat16 --backend pallas --out $OUT
   TAIL=30 run q_f32_pallas 200 python3 scripts/quality_suite.py --dtype float32 --backend pallas --out $OUT
+  ;;
+S10C)
+  # W4 steady state, W1 (3 passes) and W2 (5 runs): old_ref/ and the working tree alternated (order flipped for W1)
+  W4S="--workload W4 --backend yaie --warmup-passes 3 --repeats 4 --w4-rows on,off"
+  at() { if [ $1 = old ]; then (cd old_ref && PYTHONPATH=$PWD "${@:2}"); else "${@:2}"; fi; }
+  for v in old new; do mkdir -p $OUT/$v; TAIL=4 at $v run w4_$v 150 python3 scripts/bench_throughput.py $W4S --out $OUT/$v; done
+  for v in new old; do TAIL=3 at $v run w1_$v 110 python3 scripts/bench_throughput.py --workload W1 --backend yaie \
+      --repeats 3 --out $OUT/$v; done
+  for v in old new; do TAIL=3 at $v run w2_$v 70 python3 scripts/bench_latency.py --backend yaie --out $OUT/$v; done
+  tar czf $OUT/s10c.tar.gz -C $OUT old new $(cd $OUT && ls *.log) && rm -rf $OUT/old $OUT/new $OUT/*.log
   ;;
 TP)
   run tp 560 python3 scripts/bench_tp.py --tp ${TP_SIZES:-1,2} --head ${TP_HEADS:-replicated,vocab} --out $OUT
