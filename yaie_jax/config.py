@@ -19,6 +19,8 @@ import dataclasses
 import os
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
+from .errors import InvalidArgumentError
+
 SCHEDULING_POLICIES = ("fcfs", "priority", "fair", "latency")
 PREEMPTION_MODES = ("swap", "recompute")
 ATTENTION_BACKENDS = ("auto", "xla", "pallas")
@@ -142,7 +144,7 @@ class EngineConfig:
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> None:
-            raise ValueError(f"invalid engine argument {name}={getattr(self, name)!r}: {why}")
+            raise InvalidArgumentError(f"invalid engine argument {name}={getattr(self, name)!r}: {why}", field=name)
 
         if self.dtype not in DTYPES:
             bad("dtype", f"must be one of {DTYPES}")

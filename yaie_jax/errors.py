@@ -45,4 +45,12 @@ class ContextLengthError(InvalidRequestError):
         super().__init__(message, param="prompt", code="context_length_exceeded")
 
 
-__all__ = ["InvalidRequestError", "InvalidParameterError", "ContextLengthError"]
+class InvalidArgumentError(ValueError):
+    """An engine argument (an `EngineConfig` field) whose value cannot be used. `field`: the argument's name."""
+
+    def __init__(self, message: str, *, field: Optional[str] = None):
+        super().__init__(message)
+        self.field = field
+
+
+__all__ = ["InvalidRequestError", "InvalidParameterError", "ContextLengthError", "InvalidArgumentError"]

@@ -52,94 +52,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import typing
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..config import ENV_ALIASES, EngineConfig, builtin_default, env_default, parse_switch
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot be used; the message names where it came from."""
-
-
-@dataclasses.dataclass
-class ServerSettings:
-    """HTTP-side settings. Validated on construction (`ConfigError` naming the field)."""
-    host: str = "127.0.0.1"                  # 0.0.0.0 to listen on every interface
-    port: int = 8000                         # 0 = any free port
-    api_keys: List[str] = dataclasses.field(default_factory=list)   # empty = no auth
-    rate_limit_rpm: Optional[float] = None   # per API key (or per client address without keys); None = off
-    rate_limit_burst: Optional[int] = None   # bucket size; None = max(1, rate_limit_rpm)
-    max_waiting_requests: Optional[int] = 1024   # waiting-queue cap: 503 + Retry-After beyond it; None = no cap
-    retry_after_s: int = 1                   # Retry-After sent with 503 (queue full, draining)
-    request_timeout_s: Optional[float] = None    # whole-request bound (finish_reason "timeout"); None = none
-    queue_timeout_s: Optional[float] = None      # bound on time spent waiting before the first step
-    shutdown_timeout_s: float = 30.0         # SIGTERM: in-flight requests get this long to finish, then abort
-    max_request_bytes: int = 16 * 1024 * 1024    # larger bodies are refused with 413
-    log_level: str = "info"
-    log_requests: bool = True                # one JSON line per finished request
-    access_log: bool = False                 # uvicorn's own access log (the JSON request log usually suffices)
-    cors_allow_origins: List[str] = dataclasses.field(default_factory=list)
-    startup_profile: bool = False            # log where the engine build's time went (sampled main-thread stacks)
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        def bad(name: str, why: str) -> None:
-            raise ConfigError(f"invalid server setting {name}={getattr(self, name)!r}: {why}")
-
-        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
-            bad("port", "must be an integer in [0, 65535]")
-        if any((not isinstance(k, str)) or not k.strip() for k in self.api_keys):
-            bad("api_keys", "keys must be non-empty strings")
-        if self.rate_limit_rpm is not None and not self.rate_limit_rpm > 0:
-            bad("rate_limit_rpm", "must be > 0 or None")
-        if self.rate_limit_burst is not None and (not isinstance(self.rate_limit_burst, int)
-                                                  or self.rate_limit_burst < 1):
-            bad("rate_limit_burst", "must be a positive integer or None")
-        if self.max_waiting_requests is not None and (not isinstance(self.max_waiting_requests, int)
-                                                      or self.max_waiting_requests < 0):
-            bad("max_waiting_requests", "must be a non-negative integer or None")
-        if not isinstance(self.retry_after_s, int) or self.retry_after_s < 0:
-            bad("retry_after_s", "must be a non-negative integer")
-        for name in ("request_timeout_s", "queue_timeout_s"):
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                bad(name, "must be > 0 or None")
-        if not self.shutdown_timeout_s >= 0:
-            bad("shutdown_timeout_s", "must be >= 0")
-        if not isinstance(self.max_request_bytes, int) or self.max_request_bytes < 1024:
-            bad("max_request_bytes", "must be an integer >= 1024")
-        if str(self.log_level).lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
-            bad("log_level", "must be one of critical, error, warning, info, debug, trace")
-        self.log_level = str(self.log_level).lower()
-
-    @classmethod
-    def field_names(cls) -> set:
-        return {f.name for f in dataclasses.fields(cls)}
-
-
-@dataclasses.dataclass
-class Settings:
-    engine: EngineConfig
-    server: ServerSettings
-    sources: Dict[str, str]                  # "engine.max_num_seqs" -> "file:cfg.yaml" | "env:MAX_BATCH_SIZE" | ...
-    warnings: List[str]
-    config_file: Optional[str] = None
-
-    def effective(self) -> dict:
-        """The effective configuration as plain data, API keys redacted (what `serve` prints at start-up)."""
-        eng = dataclasses.asdict(self.engine)
-        srv = dataclasses.asdict(self.server)
-        srv["api_keys"] = [f"<redacted {len(k)} chars>" for k in self.server.api_keys]
-        return {"engine": eng, "server": srv, "sources": dict(sorted(self.sources.items())),
-                "config_file": self.config_file, "warnings": list(self.warnings)}
-
-    def to_json(self) -> str:
-        return json.dumps(self.effective(), indent=2, sort_keys=False, default=str)
+from .http_settings import ConfigError, ServerSettings, Settings
 
 
 # ---------------------------------------------------------------------------------------------------- schema
@@ -450,19 +368,19 @@ def parse_args(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[s
         server_kwargs.update(layer.server)
         sources.update(layer.sources)
         warnings.extend(layer.warnings)
-    try:
-        engine = EngineConfig(**engine_kwargs)
-    except ValueError as e:
-        field = str(e).split("invalid engine argument ", 1)[-1].split("=", 1)[0]
-        where = sources.get(f"engine.{field}")
-        raise ConfigError(f"{e}" + (f" (set by {where})" if where else "")) from None
-    try:
-        server = ServerSettings(**server_kwargs)
-    except ConfigError as e:
-        field = str(e).split("invalid server setting ", 1)[-1].split("=", 1)[0]
-        where = sources.get(f"server.{field}")
-        raise ConfigError(f"{e}" + (f" (set by {where})" if where else "")) from None
+    engine = _built(EngineConfig, engine_kwargs, "engine", sources)
+    server = _built(ServerSettings, server_kwargs, "server", sources)
     return Settings(engine, server, sources, warnings, config_file), ns
+
+
+def _built(cls, kwargs: Dict[str, Any], section: str, sources: Dict[str, str]):
+    """`cls(**kwargs)`; a refused value's error also names the layer that set it."""
+    try:
+        return cls(**kwargs)
+    except ValueError as e:       # InvalidArgumentError / ConfigError name their field
+        field = getattr(e, "field", None)
+        where = sources.get(f"{section}.{field}") if field else None
+        raise ConfigError(f"{e}" + (f" (set by {where})" if where else ""), field=field) from None
 
 
 __all__ = ["ServerSettings", "Settings", "ConfigError", "load_settings", "parse_args", "build_parser",
