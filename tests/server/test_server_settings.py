@@ -182,3 +182,15 @@ def test_bad_former_environment_knobs_name_their_source(argv, env, needle):
     with pytest.raises(ConfigError) as e:
         load_settings(argv, env)
     assert needle in str(e.value)
+
+
+def test_refused_value_names_its_field_and_layer():
+    """An engine argument or server setting that validation refuses: the error names the field (as data) and the
+    layer that set it."""
+    from yaie_jax.server.settings import ConfigError, load_settings
+    with pytest.raises(ConfigError) as e:
+        load_settings([], {"YAIE_BLOCK_SIZE": "7"})
+    assert e.value.field == "block_size" and "set by env:YAIE_BLOCK_SIZE" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_settings(["--retry-after-s", "-1"], {})
+    assert e.value.field == "retry_after_s" and "set by cli:--retry-after-s" in str(e.value)
