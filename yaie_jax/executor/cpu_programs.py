@@ -62,7 +62,7 @@ class CpuProgramPlan:
     def start(self) -> None:
         """Queue `startup_programs` for the background compiler (started at once, not waiting for idle)."""
         for kind, T, S, variant in self.startup_programs():
-            batch, sbatch, _, _ = self.runner._dummy_inputs(kind, T, S)
+            batch, sbatch, _, _ = self.runner.programs.dummy_inputs(kind, T, S)
             if variant == "superset":
                 sbatch = to_superset(sbatch, GREEDY, width=self.width)
             self._enqueue(kind, batch, sbatch, GREEDY if variant == "greedy" else SUPERSET,
@@ -77,13 +77,13 @@ class CpuProgramPlan:
             self._queue.append((kind, batch, sbatch, flags, reason, wait_idle))
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="yaie-compile-cpu", daemon=True)
-                self.runner._later_threads.append(self._worker)
+                self.runner.programs.later_threads.append(self._worker)
                 self._worker.start()
 
     def _work(self) -> None:
         """Compile the queued programs one at a time (each after a pause in the steps unless queued at start-up:
         tracing holds the GIL); exits when the queue is empty."""
-        r = self.runner
+        programs = self.runner.programs
         while True:
             with self._lock:
                 if not self._queue:
@@ -91,9 +91,10 @@ class CpuProgramPlan:
                     return
                 kind, batch, sbatch, flags, reason, wait_idle = self._queue.popleft()
             if wait_idle:
-                r._wait_for_idle()
+                programs.wait_for_idle()
             try:
-                r.compiled(kind, batch, sbatch, flags, trace_lock=r._background_trace_lock, reason=reason)
+                self.runner.compiled(kind, batch, sbatch, flags, trace_lock=programs.background_trace_lock,
+                                     reason=reason)
             except Exception:      # noqa: BLE001 - a step that needs it compiles it (and raises) itself
                 logger.exception("background compile of %s failed", kind)
 
@@ -119,7 +120,7 @@ class CpuProgramPlan:
             greedy = sbatch._replace(suppress_ids=empty_i, prev_tokens=empty_i, prev_is_output=empty_b)
             self._later(kind, batch, greedy, GREEDY, "the bucket's greedy program (cheaper greedy steps)")
         self.num_superset_steps += 1
-        key = (kind, describe(flags), np.shape(batch["context_lens"])[0], np.shape(batch["input_ids"])[0])
+        key = (kind, describe(flags), batch.num_rows, batch.num_tokens)
         if key not in self._noted:
             self._noted.add(key)
             logger.info("%s S=%d T=%d: a %s step runs in the superset program%s", kind, key[2], key[3], key[1],

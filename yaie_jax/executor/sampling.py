@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from yaie_jax.executor.buckets import next_power_of
 from yaie_jax.sampling_params import SamplingParams
 
 MIN_TEMPERATURE = 1e-5
@@ -78,14 +79,6 @@ class SampleResult(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------------- host side
-
-def _bucket(n: int, lo: int) -> int:
-    """Round up to lo * 2^k so that shapes (and so compiled programs) stay few."""
-    b = lo
-    while b < n:
-        b *= 2
-    return b
-
 
 def logprobs_bucket(n: int) -> int:
     """Top-logprob count to compute for a batch whose rows ask for at most n: 0 or 20 (OpenAI's maximum).
@@ -212,14 +205,14 @@ def make_sampling_batch(params_list: Sequence[SamplingParams], *, pad_to: int,
             if ids:
                 suppressing.append((i, ids, min(num_steps, p.min_tokens - steps_list[i])))
     any_suppress = bool(suppressing)
-    K = _bucket(max(len(ids) for _, ids, _ in suppressing), 4) if any_suppress else 0
+    K = next_power_of(max(len(ids) for _, ids, _ in suppressing), 2, 4) if any_suppress else 0
     suppress = np.full((num_steps, S, K), -1, np.int32)                                       # [num_steps, S, K]
     for i, ids, until in suppressing:
         suppress[:until, i, :len(ids)] = ids
     if any_pen:
         if token_ids is None or num_prompt_tokens is None:
             raise ValueError("penalties need token_ids and num_prompt_tokens for every row")
-        L = _bucket(max(len(token_ids[i]) for i in range(n)), 64)
+        L = next_power_of(max(len(token_ids[i]) for i in range(n)), 2, 64)
     else:
         L = 0
     prev = np.full((S, L), -1, np.int32)                   # [S, L]
