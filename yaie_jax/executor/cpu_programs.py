@@ -1,9 +1,9 @@
 """Which step programs an engine on the CPU compiles, when, and which one runs a step (with `warmup` on; with it
 off every program compiles on first use, exactly the variant a step asks for).
 
-On a CPU one step program takes 4-15 s to compile (SmolLM2-135M, 2 cores): the GPU's warm-up of every bucket
-would take minutes, and each sampling variant met mid-stream used to compile its own program while every stream
-waited. Here:
+On a CPU one step program takes seconds to compile (bench/NOTES.md, "Figures moved out of the code"): the GPU's
+warm-up of every bucket would take minutes, and each sampling variant met mid-stream used to compile its own
+program while every stream waited. Here:
 
 - prefill steps of fewer than 64 tokens run in the T=64 bucket (`MIN_PREFILL_TOKENS`): a chat prompt of a
   short question (the README's: 37 tokens with the template) and the prompts that follow it share one bucket;
@@ -17,10 +17,9 @@ waited. Here:
 - a bucket met for the first time compiles the program its step needs then (nothing else can run it) and its
   other program in the background; meanwhile greedy steps run in the superset program where that one is ready.
 Batches the superset cannot hold (fused multi-step calls, more than SUPPRESS_WIDTH suppressed ids) run in their
-own variant, compiled on first use. Measured on the development CPU (bench/NOTES.md §17): a superset step costs
-what the exact non-greedy variant costs (decode S=8: 0.85 vs 0.84 CPU-s), so exact non-greedy variants are not
-compiled at all; greedy programs are kept (prefill T=64: 0.26 CPU-s against 1.0 for the superset's sort of 64
-padded rows).
+own variant, compiled on first use. A superset step costs what the exact non-greedy variant costs, so exact
+non-greedy variants are not compiled at all; greedy programs are kept (cheaper than the superset's sort of the
+padded rows; both measured in bench/NOTES.md §17).
 """
 from __future__ import annotations
 

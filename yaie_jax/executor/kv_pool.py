@@ -15,20 +15,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from yaie_jax.defaults import ACTIVATION_RESERVE_BYTES, kv_bytes_per_token
 from yaie_jax.executor.buckets import next_power_of
 
-GIB = 1024 ** 3
+CPU_POOL_CAP_BYTES = 2 * 1024 ** 3      # the pool's size limit where the device reports no memory limit
 
 
 def kv_bytes_per_block(mc, block_size: int, dtype) -> int:
     """Bytes of K and V one block takes over all layers, for a pool of `dtype` values (model config `mc`)."""
-    itemsize = jnp.dtype(dtype).itemsize
-    return 2 * mc.num_layers * mc.num_kv_heads * block_size * mc.head_dim * itemsize
+    per_token = kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, jnp.dtype(dtype).itemsize)
+    return block_size * per_token
 
 
 def auto_num_blocks(config, max_blocks_per_seq: int, bytes_per_block: int) -> int:
     """Size the KV pool: on a GPU, `gpu_memory_utilization` of device memory minus what is in use (params)
-    and a reserve for activations; elsewhere enough for max_num_seqs full-length sequences, capped at 2 GiB."""
+    and the activation reserve (defaults.ACTIVATION_RESERVE_BYTES, split over the TP shards); elsewhere enough
+    for max_num_seqs full-length sequences, capped at CPU_POOL_CAP_BYTES."""
     per_seq = max_blocks_per_seq
     useful = config.max_num_seqs * per_seq + 1
     try:
@@ -38,10 +40,10 @@ def auto_num_blocks(config, max_blocks_per_seq: int, bytes_per_block: int) -> in
     if stats and "bytes_limit" in stats:
         tp = max(1, config.tensor_parallel_size)
         limit = stats["bytes_limit"] * config.gpu_memory_utilization
-        free = limit - stats.get("bytes_in_use", 0) - 2 * GIB // tp
+        free = limit - stats.get("bytes_in_use", 0) - ACTIVATION_RESERVE_BYTES // tp
         n = int(free * tp // bytes_per_block)
         return max(per_seq + 1, min(n, useful * 2))
-    return max(per_seq + 1, min(useful, 2 * GIB // bytes_per_block))
+    return max(per_seq + 1, min(useful, CPU_POOL_CAP_BYTES // bytes_per_block))
 
 
 class KVPool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence as Seq, Tuple
 
 import jax
@@ -84,7 +85,9 @@ class ModelRunner:
         # a fused decode call's last sampled tokens, padded to the largest decode bucket: the next fused call (sent
         # before these are read back) takes its input tokens from them on the device; see programs.multi_step_body
         self.last_fused_tokens = None
-        self._step_shape: Optional[tuple] = None   # (the SchedulerOutput, its (S, T)): decided once per step
+        # (weak reference to the last step's SchedulerOutput, its (S, T)): decided once per step, and holding no
+        # reference to the step (its sequences are freed when the engine drops them)
+        self._step_shape: Optional[tuple] = None
         # deterministic mode (deterministic.py): every step runs "det" / "det_multi" programs instead
         self.det = deterministic.DeterministicSteps(self) if config.deterministic else None
         # cascade attention (cascade.py, its policy there) for decode buckets of >= CASCADE_MIN_ROWS rows
@@ -157,7 +160,7 @@ class ModelRunner:
         S tied to it, min(T, S_max), so each T compiles one program rather than one per (T, S) pair (padding rows
         cost a few empty work items and logits rows, small next to T tokens). While buckets still compile in the
         background after start-up, a step whose bucket is not ready runs in the next larger ready one."""
-        if self._step_shape is not None and self._step_shape[0] is out:
+        if self._step_shape is not None and self._step_shape[0]() is out:
             return self._step_shape[1]
         if self.det is not None:
             shape = self.det.padded_shape(out)
@@ -170,7 +173,7 @@ class ModelRunner:
             T = self.programs.ready_bucket("prefill", next_power_of(sum(s.num_new_tokens for s in out.scheduled),
                                                                     2, self.token_buckets[0]), self.token_buckets)
             shape = (max(min(T, self.seq_buckets_decode[-1]), next_power_of(len(out.scheduled), 2, 4)), T)
-        self._step_shape = (out, shape)
+        self._step_shape = (weakref.ref(out), shape)
         return shape
 
     def padding_batch(self, T: int, S: int) -> StepBatch:
@@ -326,7 +329,8 @@ class ModelRunner:
         """Run one compiled step program ("decode" | "prefill" | "multi", or in deterministic mode "det" |
         "det_multi") on padded inputs, updating the KV pool in place (donated), through the launcher. Returns
         the program's device results: a SampleResult; (SampleResult, PromptLogprobs) where the batch has
-        prompt rows; (stacked SampleResult, last tokens [S_max]) for a fused call (also kept as `last_fused_tokens`)."""
+        prompt rows; (stacked SampleResult, last tokens [S_max]) for a fused call (the tokens also kept as
+        `last_fused_tokens`)."""
         return self.launcher.launch("run_program", self._run_program_here, kind, batch, sbatch, flags, num_steps)
 
     def _run_program_here(self, kind: str, batch: StepBatch, sbatch, flags, num_steps: int = 1):

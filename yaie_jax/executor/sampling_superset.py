@@ -3,8 +3,8 @@ variant would.
 
 `sampling.sample` compiles what the batch's static `SamplingFlags` ask for (argmax only, a sort for the filters,
 penalties, min_tokens suppression, top logprobs), so each combination met is one more compile of the whole step
-program (4-15 s each on a 2-core CPU). The superset variant turns every feature on; a row that does not use one
-carries its neutral parameters, and those leave its logits bit for bit as they were:
+program (seconds each on a CPU: cpu_programs.py). The superset variant turns every feature on; a row that does
+not use one carries its neutral parameters, and those leave its logits bit for bit as they were:
 
   penalties   repetition 1 (x / 1 and x * 1 are x), presence and frequency 0 (x - 0 * count is x); history
               padding (-1) scatters nowhere;
