@@ -52,6 +52,10 @@ class DispatchedStep(NamedTuple):
 
 
 class ModelRunner:
+    """One model on its devices: the KV pool, the compiled step programs, and the step's host -> device path.
+    Not thread-safe: `dispatch`, the device calls and `run_first_runs` belong to the thread that runs the steps
+    (background compiles run in programs.py's threads)."""
+
     def __init__(self, model: CausalLM, config: EngineConfig, max_model_len: int, num_gpu_blocks: int,
                  mesh=None, param_shardings=None, kv_sharding=None,
                  eos_token_ids: Callable[[], Seq[int]] = tuple):
@@ -346,6 +350,8 @@ class ModelRunner:
         return result
 
     # ------------------------------------------------------------------ compiled programs (programs.py)
+    # the engine's entry points into its programs; `compiled` stays a runner method so that scripts/host_trace.py
+    # can time every lookup by wrapping it on the instance
     _shape_key = staticmethod(shape_key)
 
     def compiled(self, kind: str, batch, sbatch, flags, num_steps: int = 1, trace_lock=None,
