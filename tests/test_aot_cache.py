@@ -39,15 +39,14 @@ def engine(model_dir):
 def _inputs(runner, kind, T, S, seed=0):
     batch, sbatch, flags, K = runner._dummy_inputs(kind, T, S)
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, runner.mc.vocab_size, size=batch["input_ids"].shape).astype(np.int32)
-    batch["input_ids"] = ids
+    ids = rng.integers(0, runner.mc.vocab_size, size=batch.input_ids.shape).astype(np.int32)
+    batch = batch.replace(input_ids=ids)
     if kind == "prefill":            # one sequence of T tokens in blocks 0.., so attention reads something
-        batch["positions"] = np.arange(T, dtype=np.int32)
-        batch["slot_mapping"] = np.arange(T, dtype=np.int32)
-        batch["query_start"][1:] = T
-        batch["context_lens"][0] = T
-        batch["block_tables"][0, :T // runner.block_size] = np.arange(T // runner.block_size)
-        batch["logits_index"][0] = T - 1
+        batch = batch.replace(positions=np.arange(T, dtype=np.int32), slot_mapping=np.arange(T, dtype=np.int32))
+        batch.query_start[1:] = T
+        batch.context_lens[0] = T
+        batch.block_tables[0, :T // runner.block_size] = np.arange(T // runner.block_size)
+        batch.logits_index[0] = T - 1
     return batch, sbatch, flags, K
 
 

@@ -36,8 +36,8 @@ def test_cascade_decode_matches_hf(gpt2_dir, monkeypatch):
 
     # after a start-up warm-up, a bucket's cascade program is compiled in the background when first needed, and
     # until it is ready the batch runs with plain decode attention (no plan)
-    runner._warm_started = True
-    runner._ready.clear()
+    runner.programs.warm_started = True
+    runner.programs.ready.clear()
     bt = np.arange(8 * runner.max_blocks_per_seq, dtype=np.int32).reshape(8, -1)
     bt[1, :5] = bt[0, :5]
     cl = np.array([90, 85, 30, 0, 0, 0, 0, 0], np.int32)
@@ -46,9 +46,9 @@ def test_cascade_decode_matches_hf(gpt2_dir, monkeypatch):
     plan = runner.cascade_plan("multi", bt, cl, 3)
     assert plan is not None and list(plan["row_item"][:3]) == [0, 0, -1] and plan["item_lens"][0] == 80
     # a batch padded to a larger bucket (its own still compiling) also requests its own bucket's cascade program
-    runner._ready.clear()
+    runner.programs.ready.clear()
     bt16 = np.concatenate([bt, bt + bt.size])
     cl16 = np.concatenate([cl, np.zeros(8, np.int32)])
     assert runner.cascade_plan("decode", bt16, cl16, 3) is None
-    assert {("decode+cascade", 16, 16), ("decode+cascade", 8, 8)} <= runner._requested
+    assert {("decode+cascade", 16, 16), ("decode+cascade", 8, 8)} <= runner.programs.requested
     runner.wait_for_warmup()

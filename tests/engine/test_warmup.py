@@ -24,12 +24,12 @@ def test_coverage_set_and_fallback_to_a_larger_ready_bucket(gpt2_dir):
     # lazy engine (no warm-up): exact buckets
     assert runner.padded_shape(fake_out([5, 4])) == (8, 16)
     # warm-up under way, only the largest prefill bucket ready: a 9-token prefill runs padded to T=64
-    runner._warm_started, runner._ready = True, {("prefill", 64), ("decode", 8)}
+    runner.programs.warm_started, runner.programs.ready = True, {("prefill", 64), ("decode", 8)}
     assert runner.padded_shape(fake_out([5, 4])) == (8, 64)
-    runner._ready.add(("prefill", 16))
+    runner.programs.ready.add(("prefill", 16))
     out = fake_out([5, 4])
     assert runner.padded_shape(out) == (8, 16)
-    runner._ready.clear()
+    runner.programs.ready.clear()
     assert runner.padded_shape(out) == (8, 16)          # decided once per step, even if readiness changes
     assert runner.padded_shape(fake_out([1, 1, 1])) == (8, 8)
 
@@ -43,7 +43,7 @@ def test_background_warmup_then_same_tokens_as_hf(gpt2_dir):
     runner = llm.engine.runner
     llm.engine.wait_for_warmup()                # joins the background compiles and runs each new program once
     assert not runner.first_runs_pending and runner.num_first_runs == len(runner.warmup_shapes())
-    assert {(k, t if k == "prefill" else s) for k, t, s in runner.warmup_shapes()} <= runner._ready
+    assert {(k, t if k == "prefill" else s) for k, t, s in runner.warmup_shapes()} <= runner.programs.ready
     again = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
     for p, o, a in zip(prompts, outs, again):
         ref = support.hf_greedy(gpt2_dir, p, 10)

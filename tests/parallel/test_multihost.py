@@ -182,3 +182,21 @@ def test_serve_cli_flags():
     assert (s.engine.coordinator_address, s.engine.num_processes, s.engine.process_id) == ("10.0.0.1:1234", 2, 1)
     s = load_settings([], environ={"YAIE_NUM_PROCESSES": "2", "YAIE_COORDINATOR_ADDRESS": "h:1"})
     assert s.engine.num_processes == 2 and s.engine.process_id == 0
+
+
+def test_codec_round_trips_a_step_batch():
+    from yaie_jax.step_types import STEP_BATCH_FIELDS, StepBatch
+
+    batch = StepBatch(input_ids=np.arange(4, dtype=np.int32), positions=np.zeros(4, np.int32),
+                      block_tables=np.ones((2, 3), np.int32), slots=np.full((2, 2), -1, np.int32),
+                      cascade={"item_rows": np.zeros((2, 2), np.int32)}, num_chunks=np.int32(3))
+    back = distributed.decode(distributed.encode(["run_program", ["multi", batch], {}]))[1][1]
+    assert type(back) is StepBatch
+    for name in STEP_BATCH_FIELDS:
+        a, b = getattr(batch, name), getattr(back, name)
+        if a is None or isinstance(a, dict):
+            assert (a is None and b is None) or list(a) == list(b)
+        else:
+            np.testing.assert_array_equal(a, b)
+            assert np.asarray(a).dtype == np.asarray(b).dtype
+    np.testing.assert_array_equal(back.cascade["item_rows"], batch.cascade["item_rows"])

@@ -54,7 +54,8 @@ def check_model(path, runs, rng):
             "lm_head_shard_shape": list(lm_head[0].addressable_shards[0].data.shape) if lm_head else None,
             "lm_head_shape": list(lm_head[0].shape) if lm_head else None,
             # data moves XLA added besides the Megatron all-reduces (none when every shard owns whole heads)
-            "extra_collectives": sum(len(EXTRA_COLLECTIVE.findall(fn.as_text())) for fn in r._compiled.values()),
+            "extra_collectives": sum(len(EXTRA_COLLECTIVE.findall(fn.as_text()))
+                                      for fn in r.programs._compiled.values()),
             "seconds": round(time.perf_counter() - t0, 1)}
         del llm, r, k_pages, qkv, emb, lm_head, leaves
     return result

@@ -31,7 +31,7 @@ from yaie_jax.outputs import CompletionOutput, Logprob, RequestOutput
 from yaie_jax.executor.runner import ModelRunner
 from yaie_jax.sampling_params import SamplingParams
 from yaie_jax.scheduler import Scheduler
-from yaie_jax.step_types import SchedulerOutput
+from yaie_jax.step_types import PrevTokens, SchedulerOutput
 from yaie_jax.sequence import Request, Sequence, SeqStatus
 
 logger = logging.getLogger("yaie_jax.engine.core")
@@ -174,7 +174,7 @@ class LLMEngine:
             placement = {}
         t0 = time.perf_counter()
         self.runner = ModelRunner(self.model, config, self.max_model_len, num_gpu_blocks=config.num_gpu_blocks,
-                                  **placement)
+                                  eos_token_ids=lambda: self.eos_token_ids, **placement)
         logger.info("model runner ready in %.2f s (weights on the device, KV pool of %d blocks)",
                     time.perf_counter() - t0, self.runner.num_gpu_blocks)
         self.block_manager = BlockManager(self.runner.num_gpu_blocks, config.block_size, config.num_cpu_blocks,
@@ -394,37 +394,26 @@ class LLMEngine:
         return result
 
     def _dispatch(self, out: SchedulerOutput, prev: Optional["_InFlight"] = None) -> "_InFlight":
-        """Build the step's sampling batch, enqueue the step on the device and commit it in the scheduler.
-        prev: the fused call still in flight whose last tokens are this call's inputs (pipelined decode)."""
-        t0 = time.perf_counter()
-        rows = out.scheduled
-        pending = prev.out.num_steps if prev is not None else 0
-        # one call builds every fused step's rows (keys advance with the token index), stacked [num_steps, ...]
-        sbatch, flags = sampling.build_sampling_batch(
-            [(s.seq, s.seq.request.params) for s in rows], pad_to=self.runner.padded_num_seqs(out),
-            eos_token_ids=self.eos_token_ids, engine_seed=self.config.seed, vocab_size=self.vocab_size,
-            num_steps=out.num_steps, step_offset=pending)
+        """Enqueue the step on the device (the runner builds its inputs and sampling batch) and commit it in the
+        scheduler. prev: the fused call still in flight whose last tokens are this call's inputs (pipelined)."""
         if prev is not None:
-            prev_tokens = (prev.last_tokens, prev.rows)
+            prev_tokens = PrevTokens(prev.last_tokens, prev.rows, prev.out.num_steps)
         elif out.num_steps > 1 and self._async_scheduling and self.runner.last_fused_tokens is not None:
             # nothing in flight: every input token is on the host, but the argument stays a device array (any
             # earlier call's tokens, no row taken from them): a numpy/device switch costs the call's fast path
-            prev_tokens = (self.runner.last_fused_tokens, {})
+            prev_tokens = PrevTokens(self.runner.last_fused_tokens, {})
         else:
             prev_tokens = None
         t1 = time.perf_counter()
-        result = self.runner.dispatch(out, sbatch, flags, prev_tokens=prev_tokens)
+        step = self.runner.dispatch(out, prev_tokens)
         t2 = time.perf_counter()
         self._step_counter += 1
         self.scheduler.commit_step(out)
         self.host_time_s["commit"] += time.perf_counter() - t2
-        self.host_time_s["sampling_batch"] += t1 - t0
-        self.host_time_s["dispatch"] += t2 - t1
-        last = self.runner.last_fused_tokens if out.num_steps > 1 else None
-        prompt_lp = None
-        if self.runner.last_prompt_logprobs is not None:
-            prompt_lp = (self.runner.last_prompt_rows, self.runner.last_prompt_logprobs)
-        return _InFlight(out, result, {s.seq.seq_id: i for i, s in enumerate(rows)}, last, prompt_lp)
+        self.host_time_s["sampling_batch"] += step.sampling_batch_s
+        self.host_time_s["dispatch"] += t2 - t1 - step.sampling_batch_s
+        rows = {s.seq.seq_id: i for i, s in enumerate(out.scheduled)}
+        return _InFlight(out, step.result, rows, step.last_tokens, step.prompt_logprobs)
 
     def _step_pipelined(self, timed_out: Iterable[Request] = ()) -> List[RequestOutput]:
         """With a call in flight: schedule and dispatch the next one first, then read back and process the call in

@@ -1,7 +1,8 @@
 """Paged attention callables for the models (see models/base.py for the contract).
 
-The engine builds one per step: it writes the new tokens' K/V into the paged pool at `slot_mapping`, then runs
-decode attention (one query per sequence) or ragged prefill attention (query chunks back to back) over the pages.
+The runner builds one per step from its StepBatch's fields (step_types.py): it writes the new tokens' K/V into the
+paged pool at `slot_mapping`, then runs decode attention (one query per sequence) or ragged prefill attention
+(query chunks back to back) over the pages.
 Backends: "pallas" (pallas_kernels: Mosaic GPU on the GPU, interpret mode on CPU) and "xla" (the plain-jnp
 references of the same functions, which XLA compiles anywhere).
 """
@@ -33,8 +34,8 @@ def kv_storage_dtype(dtype, backend: str):
     16-bit float pool on the CPU with the "xla" backend, else `dtype` itself.
 
     XLA:CPU upcasts every bf16/f16 op to float32 over its whole operand, a pool scatter included (a convert of
-    each layer's K and V pages to f32 and back per step: 4 GB of temporaries and 5-6 s per decode step for
-    SmolLM2's default 2 GiB pool, jax 0.10.2), and it materializes a bitcast of the pool as a copy. An integer
+    each layer's K and V pages to f32 and back per step; bench/NOTES.md, "Figures moved out of the code"), and it
+    materializes a bitcast of the pool as a copy. An integer
     scatter into the donated pool is done in place; reads bitcast the gathered pages (fused into the gather)."""
     if (backend == "xla" and jax.default_backend() == "cpu"
             and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))):
@@ -89,8 +90,7 @@ def _cpu_tuned(paged_attention, ragged_prefill_attention, kv_dtype):
     context (the batched reference gathers every row's max_model_len pages, padding rows' included), and ragged
     prefill takes one work item per loop iteration (its default packs up to 28 per iteration for GPU
     parallelism, most of them padding for a short prompt). The reference's math (its dots have other shapes
-    here: sums may round differently, tests/kernels/test_cpu_attention.py). Measured
-    on SmolLM2-135M f32 (bench/NOTES.md §17): a 40-token prefill step 6.7 -> 1.0 CPU-s."""
+    here: sums may round differently, tests/kernels/test_cpu_attention.py). Its saving: bench/NOTES.md §17."""
     view = {} if kv_dtype is None else {"pages_dtype": kv_dtype}
 
     def decode(q, k_pages, v_pages, block_tables, context_lens):

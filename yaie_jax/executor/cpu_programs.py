@@ -1,9 +1,9 @@
 """Which step programs an engine on the CPU compiles, when, and which one runs a step (with `warmup` on; with it
 off every program compiles on first use, exactly the variant a step asks for).
 
-On a CPU one step program takes 4-15 s to compile (SmolLM2-135M, 2 cores): the GPU's warm-up of every bucket
-would take minutes, and each sampling variant met mid-stream used to compile its own program while every stream
-waited. Here:
+On a CPU one step program takes seconds to compile (bench/NOTES.md, "Figures moved out of the code"): the GPU's
+warm-up of every bucket would take minutes, and each sampling variant met mid-stream used to compile its own
+program while every stream waited. Here:
 
 - prefill steps of fewer than 64 tokens run in the T=64 bucket (`MIN_PREFILL_TOKENS`): a chat prompt of a
   short question (the README's: 37 tokens with the template) and the prompts that follow it share one bucket;
@@ -17,10 +17,9 @@ waited. Here:
 - a bucket met for the first time compiles the program its step needs then (nothing else can run it) and its
   other program in the background; meanwhile greedy steps run in the superset program where that one is ready.
 Batches the superset cannot hold (fused multi-step calls, more than SUPPRESS_WIDTH suppressed ids) run in their
-own variant, compiled on first use. Measured on the development CPU (bench/NOTES.md §17): a superset step costs
-what the exact non-greedy variant costs (decode S=8: 0.85 vs 0.84 CPU-s), so exact non-greedy variants are not
-compiled at all; greedy programs are kept (prefill T=64: 0.26 CPU-s against 1.0 for the superset's sort of 64
-padded rows).
+own variant, compiled on first use. A superset step costs what the exact non-greedy variant costs, so exact
+non-greedy variants are not compiled at all; greedy programs are kept (cheaper than the superset's sort of the
+padded rows; both measured in bench/NOTES.md §17).
 """
 from __future__ import annotations
 
@@ -62,7 +61,7 @@ class CpuProgramPlan:
     def start(self) -> None:
         """Queue `startup_programs` for the background compiler (started at once, not waiting for idle)."""
         for kind, T, S, variant in self.startup_programs():
-            batch, sbatch, _, _ = self.runner._dummy_inputs(kind, T, S)
+            batch, sbatch, _, _ = self.runner.programs.dummy_inputs(kind, T, S)
             if variant == "superset":
                 sbatch = to_superset(sbatch, GREEDY, width=self.width)
             self._enqueue(kind, batch, sbatch, GREEDY if variant == "greedy" else SUPERSET,
@@ -77,13 +76,13 @@ class CpuProgramPlan:
             self._queue.append((kind, batch, sbatch, flags, reason, wait_idle))
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="yaie-compile-cpu", daemon=True)
-                self.runner._later_threads.append(self._worker)
+                self.runner.programs.later_threads.append(self._worker)
                 self._worker.start()
 
     def _work(self) -> None:
         """Compile the queued programs one at a time (each after a pause in the steps unless queued at start-up:
         tracing holds the GIL); exits when the queue is empty."""
-        r = self.runner
+        programs = self.runner.programs
         while True:
             with self._lock:
                 if not self._queue:
@@ -91,9 +90,10 @@ class CpuProgramPlan:
                     return
                 kind, batch, sbatch, flags, reason, wait_idle = self._queue.popleft()
             if wait_idle:
-                r._wait_for_idle()
+                programs.wait_for_idle()
             try:
-                r.compiled(kind, batch, sbatch, flags, trace_lock=r._background_trace_lock, reason=reason)
+                self.runner.compiled(kind, batch, sbatch, flags, trace_lock=programs.background_trace_lock,
+                                     reason=reason)
             except Exception:      # noqa: BLE001 - a step that needs it compiles it (and raises) itself
                 logger.exception("background compile of %s failed", kind)
 
@@ -119,7 +119,7 @@ class CpuProgramPlan:
             greedy = sbatch._replace(suppress_ids=empty_i, prev_tokens=empty_i, prev_is_output=empty_b)
             self._later(kind, batch, greedy, GREEDY, "the bucket's greedy program (cheaper greedy steps)")
         self.num_superset_steps += 1
-        key = (kind, describe(flags), np.shape(batch["context_lens"])[0], np.shape(batch["input_ids"])[0])
+        key = (kind, describe(flags), batch.num_rows, batch.num_tokens)
         if key not in self._noted:
             self._noted.add(key)
             logger.info("%s S=%d T=%d: a %s step runs in the superset program%s", kind, key[2], key[3], key[1],

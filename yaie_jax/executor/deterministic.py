@@ -44,6 +44,8 @@ from jax import lax
 
 from yaie_jax.executor import sampling
 from yaie_jax.executor.attention import make_paged_attention
+from yaie_jax.executor.buckets import round_up
+from yaie_jax.step_types import StepBatch
 
 KINDS = ("det", "det_multi")          # the runner's program kinds in this mode (single step, fused decode)
 # tokens per model call and rows per LM-head/sampler call; one value per platform (a GPU wants big matmuls, a
@@ -109,27 +111,29 @@ class DeterministicSteps:
         self.chunk = chunk_tokens(self.platform)
         C = self.chunk
         cfg = runner.config
-        self.num_tokens = C * -(-cfg.max_num_batched_tokens // C)     # T of every single step
-        self.num_rows = C * -(-cfg.max_num_seqs // C)                 # S of every step (and fused decode's T)
+        self.num_tokens = round_up(cfg.max_num_batched_tokens, C)     # T of every single step
+        self.num_rows = round_up(cfg.max_num_seqs, C)                 # S of every step (and fused decode's T)
         self.compiler_options = compiler_options(self.platform)
 
     # ------------------------------------------------------------------ host side
     def padded_shape(self, out) -> tuple:
-        """(S, T) of a step: the same for every single step; fused decode calls carry one token per row."""
+        """(S, T) of a step (not written onto `out`): the same for every single step; fused decode calls carry
+        one token per row."""
         return (self.num_rows, self.num_rows if out.num_steps > 1 else self.num_tokens)
 
-    def step_inputs(self, batch: dict, num_rows: int) -> dict:
-        """The single-step program's inputs from the runner's padded ragged batch (`prepare_inputs`)."""
-        seg_starts, seg_ctx, seg_rows, n = chunk_segments(batch["query_start"], batch["context_lens"], self.chunk,
+    def step_inputs(self, batch: StepBatch, num_rows: int) -> StepBatch:
+        """The single-step program's inputs from the runner's padded ragged batch (`prepare_inputs`): its chunk
+        segments replace query_start and context_lens (no prompt logprobs, no cascade plan in this mode)."""
+        seg_starts, seg_ctx, seg_rows, n = chunk_segments(batch.query_start, batch.context_lens, self.chunk,
                                                           self.num_tokens // self.chunk)
-        return dict(input_ids=batch["input_ids"], positions=batch["positions"], slot_mapping=batch["slot_mapping"],
-                    block_tables=batch["block_tables"], logits_index=batch["logits_index"], seg_starts=seg_starts,
-                    seg_ctx=seg_ctx, seg_rows=seg_rows, num_chunks=np.int32(n),
-                    num_row_chunks=np.int32(-(-num_rows // self.chunk)))
+        return StepBatch(input_ids=batch.input_ids, positions=batch.positions, block_tables=batch.block_tables,
+                         slot_mapping=batch.slot_mapping, logits_index=batch.logits_index, seg_starts=seg_starts,
+                         seg_ctx=seg_ctx, seg_rows=seg_rows, num_chunks=np.int32(n),
+                         num_row_chunks=np.int32(-(-num_rows // self.chunk)))
 
-    def fused_inputs(self, mbatch: dict, num_rows: int) -> dict:
+    def fused_inputs(self, mbatch: StepBatch, num_rows: int) -> StepBatch:
         """The fused decode program's inputs: the runner's fused batch plus the number of row chunks in use."""
-        return dict(mbatch, num_chunks=np.int32(-(-num_rows // self.chunk)))
+        return mbatch.replace(num_chunks=np.int32(-(-num_rows // self.chunk)))
 
     # ------------------------------------------------------------------ device side
     def _forward(self, params, kv, input_ids, positions, slot_mapping, seg_starts, seg_ctx, seg_rows, block_tables,
@@ -180,34 +184,34 @@ class DeterministicSteps:
 
         return lax.fori_loop(0, num_row_chunks, body, res)
 
-    def step_impl(self, params, kv_caches, batch, sbatch, *, flags):
+    def step_impl(self, params, kv_caches, batch: StepBatch, sbatch, *, flags):
         """One step (any mix of prompt chunks and decode tokens): see `step_inputs` for `batch`."""
-        kv, hidden = self._forward(params, kv_caches, batch["input_ids"], batch["positions"], batch["slot_mapping"],
-                                   batch["seg_starts"], batch["seg_ctx"], batch["seg_rows"], batch["block_tables"],
-                                   batch["num_chunks"])
-        result = self._sample(params, hidden, batch["logits_index"], sbatch, flags, batch["num_row_chunks"])
+        kv, hidden = self._forward(params, kv_caches, batch.input_ids, batch.positions, batch.slot_mapping,
+                                   batch.seg_starts, batch.seg_ctx, batch.seg_rows, batch.block_tables,
+                                   batch.num_chunks)
+        result = self._sample(params, hidden, batch.logits_index, sbatch, flags, batch.num_row_chunks)
         return result, kv
 
-    def multi_step_impl(self, params, kv_caches, batch, sbatch, *, flags, num_steps: int):
+    def multi_step_impl(self, params, kv_caches, batch: StepBatch, sbatch, *, flags, num_steps: int):
         """`num_steps` decode steps in one call, each as `step_impl` would run it (the same chunk loop and
         sampler): batch as the runner's fused batch (one token per row, slots [num_steps, S], prev_last [S],
         prev_rows [S]) plus num_chunks. Returns ((SampleResult stacked [num_steps, ...], last tokens [S]), kv)."""
         C = self.chunk
-        S = batch["input_ids"].shape[0]
-        live = batch["context_lens"] > 0                                         # [S] rows in use (a prefix)
-        prev_rows = batch["prev_rows"]
-        first_tokens = jnp.where(prev_rows >= 0, batch["prev_last"][jnp.maximum(prev_rows, 0)], batch["input_ids"])
+        S = batch.input_ids.shape[0]
+        live = batch.context_lens > 0                                            # [S] rows in use (a prefix)
+        prev_rows = batch.prev_rows
+        first_tokens = jnp.where(prev_rows >= 0, batch.prev_last[jnp.maximum(prev_rows, 0)], batch.input_ids)
         lens = live.astype(jnp.int32).reshape(S // C, C)
         seg_starts = jnp.concatenate([jnp.zeros((S // C, 1), jnp.int32), jnp.cumsum(lens, axis=1)], axis=1)
         seg_rows = jnp.arange(S, dtype=jnp.int32).reshape(S // C, C)             # row k of a chunk: its token k
         rows = jnp.arange(S, dtype=jnp.int32)
-        n = batch["num_chunks"]
+        n = batch.num_chunks
 
         def body(j, carry):
             kv, tokens, acc = carry
-            seg_ctx = jnp.where(live, batch["context_lens"] + j, 0).reshape(S // C, C)
-            kv, hidden = self._forward(params, kv, tokens, batch["positions"] + j, batch["slots"][j], seg_starts,
-                                       seg_ctx, seg_rows, batch["block_tables"], n)
+            seg_ctx = jnp.where(live, batch.context_lens + j, 0).reshape(S // C, C)
+            kv, hidden = self._forward(params, kv, tokens, batch.positions + j, batch.slots[j], seg_starts,
+                                       seg_ctx, seg_rows, batch.block_tables, n)
             res = self._sample(params, hidden, rows, jax.tree_util.tree_map(lambda a: a[j], sbatch), flags, n)
             acc = jax.tree_util.tree_map(lambda a, x: a.at[j].set(x), acc, res)
             return kv, res.token_ids, acc

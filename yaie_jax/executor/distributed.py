@@ -4,16 +4,18 @@ JAX is multi-controller: with several processes, every process must launch the s
 order, with the same host inputs; a program whose mesh spans all processes' devices then runs as one (XLA inserts
 the cross-process collectives: NCCL on GPUs, gloo on CPUs). Here only process 0 (the leader) runs the scheduler,
 the HTTP server and the detokenizer. The engine reaches the device only through a few `ModelRunner` methods
-(`METHODS`); on the leader each of them is wrapped so that, before it runs, its name and (host numpy) arguments are
-published to the followers. A follower builds the same engine from the same configuration (same model, mesh, KV
-pool and compiled buckets), then runs `follow(runner)`: it receives the leader's calls in order and makes the same
-calls on its own runner, until the leader's shutdown message (sent at the leader's exit).
+(`METHODS` = launch.DEVICE_CALLS), each of which hands its device work to `runner.launcher` (launch.py); on the
+leader the launcher is a `Leader`, which publishes the call's name and (host numpy) arguments to the followers
+before it runs. A follower builds the same engine from the same configuration (same model, mesh, KV pool and
+compiled buckets), then runs `follow(runner)`: it receives the leader's calls in order and makes the same calls on
+its own runner (whose launcher runs them locally), until the leader's shutdown message (sent at the leader's exit).
 
     initialize(coordinator_address, num_processes, process_id)   jax.distributed.initialize, before any device use
     initialize_for(config)   called at the start of LLMEngine.__init__: `initialize` from the engine arguments and
                              `check_config` (TP over every process's devices, no host swap pool)
-    setup(engine)            called at the end of LLMEngine.__init__: nothing for one process; on the leader wraps
-                             the runner (`Leader`); on a follower runs `follow` and exits the process when it ends
+    setup(engine)            called at the end of LLMEngine.__init__: nothing for one process; on the leader makes
+                             a `Leader` the runner's launcher; on a follower runs `follow` and exits the process
+                             when it ends
     follow(runner, channel)  the follower loop; returns how many calls of each kind it made
     agree_min(name, value)   the smallest of every process's value (the KV pool size, so every process allocates
                              the same pool)
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import dataclasses
 import json
 import logging
 import struct
@@ -42,9 +45,11 @@ import numpy as np
 
 logger = logging.getLogger("yaie_jax.executor.distributed")
 
+from yaie_jax.executor.launch import DEVICE_CALLS
+
 # The ModelRunner methods through which the engine reaches the device (each runs device programs that every
-# process must run too). A new runner method that launches a device program from the engine belongs here.
-METHODS = ("run_program", "copy_blocks", "swap_out", "swap_in")
+# process must run too): see launch.py.
+METHODS = DEVICE_CALLS
 
 _PREFIX = "yaie/mh"
 _POLL_MS = 60_000            # a follower waits this long per receive attempt, then tries again (idle servers)
@@ -141,11 +146,17 @@ def _named_tuples() -> Dict[str, type]:
             for c in (sampling.SamplingBatch, sampling.SamplingFlags, sampling.SampleResult)}
 
 
+def _dataclasses() -> Dict[str, type]:
+    from yaie_jax.step_types import StepBatch
+    return {f"{c.__module__}.{c.__qualname__}": c for c in (StepBatch,)}
+
+
 def encode(obj: Any) -> bytes:
-    """Bytes for a tree of None/bool/int/float/str, lists, tuples, str-keyed dicts, numpy arrays and scalars, and
-    the sampling NamedTuples. Anything else (e.g. a device array) raises TypeError."""
+    """Bytes for a tree of None/bool/int/float/str, lists, tuples, str-keyed dicts, numpy arrays and scalars, the
+    sampling NamedTuples and StepBatch. Anything else (e.g. a device array) raises TypeError."""
     arrays: List[np.ndarray] = []
     known = _named_tuples()
+    known_dc = _dataclasses()
 
     def enc(x):
         if x is None or isinstance(x, (bool, int, float, str)):
@@ -161,6 +172,11 @@ def encode(obj: Any) -> bytes:
             if name not in known:
                 raise TypeError(f"cannot publish a {name}")
             return {"nt": name, "v": [enc(v) for v in x]}
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            name = f"{type(x).__module__}.{type(x).__qualname__}"
+            if name not in known_dc:
+                raise TypeError(f"cannot publish a {name}")
+            return {"dc": name, "v": [[f.name, enc(getattr(x, f.name))] for f in dataclasses.fields(x)]}
         if isinstance(x, tuple):
             return {"t": [enc(v) for v in x]}
         if isinstance(x, list):
@@ -186,6 +202,7 @@ def decode(data: bytes) -> Any:
     head = json.loads(data[8:8 + n])
     body = memoryview(data)[8 + n:]
     known = _named_tuples()
+    known_dc = _dataclasses()
     arrays = []
     for dtype, shape, offset in head["arrays"]:
         dt = np.dtype(dtype)
@@ -204,6 +221,11 @@ def decode(data: bytes) -> Any:
             if cls is None:
                 raise ValueError(f"unknown message type {x['nt']!r}")
             return cls(*[dec(v) for v in x["v"]])
+        if "dc" in x:
+            cls = known_dc.get(x["dc"])
+            if cls is None:
+                raise ValueError(f"unknown message type {x['dc']!r}")
+            return cls(**{k: dec(v) for k, v in x["v"]})
         if "t" in x:
             return tuple(dec(v) for v in x["t"])
         if "l" in x:
@@ -262,7 +284,8 @@ def _fingerprint(runner) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- leader
 class Leader:
-    """Wraps a runner's `METHODS` (on the instance) so each call is first published to the followers."""
+    """The leader's launcher (launch.py): each device call of the runner is first published to the followers,
+    then run here. Installed as `runner.launcher` (after the hello message that the followers check)."""
 
     def __init__(self, runner, channel):
         self.runner = runner
@@ -271,8 +294,7 @@ class Leader:
         self.closed = False
         self._lock = threading.Lock()
         self._send("hello", (_fingerprint(runner),), {})
-        for name in METHODS:
-            setattr(runner, name, self._wrap(name, getattr(runner, name)))
+        runner.launcher = self
 
     def _send(self, name: str, args: tuple, kwargs: dict) -> None:
         data = encode([name, list(args), kwargs])
@@ -281,14 +303,13 @@ class Leader:
                 raise RuntimeError("the follower processes were shut down; this engine cannot run more steps")
             self.channel.publish(data)
 
-    def _wrap(self, name: str, fn: Callable) -> Callable:
-        def call(*args, **kwargs):
-            self._send(name, args, kwargs)
-            self.counts[name] += 1
-            return fn(*args, **kwargs)
-        call.__wrapped__ = fn
-        call.__name__ = name
-        return call
+    def launch(self, name: str, fn: Callable, *args):
+        """Publish `name(*args)` to the followers, then run `fn(*args)` here."""
+        if name not in METHODS:
+            raise ValueError(f"{name!r} is not a device call the followers know (launch.DEVICE_CALLS)")
+        self._send(name, args, {})
+        self.counts[name] += 1
+        return fn(*args)
 
     def shutdown(self) -> None:
         """Tell the followers to stop (idempotent). Called at exit."""
@@ -300,8 +321,8 @@ class Leader:
 
 
 def follow(runner, channel=None, on_call: Optional[Callable[[str, tuple, dict], None]] = None) -> Dict[str, int]:
-    """The follower loop: make the leader's runner calls on `runner`, in order, until its shutdown message.
-    Returns how many calls of each kind were made."""
+    """The follower loop: make the leader's runner calls on `runner` (by method name, through its own local
+    launcher), in order, until its shutdown message. Returns how many calls of each kind were made."""
     channel = channel if channel is not None else KVChannel()
     counts: Dict[str, int] = collections.Counter()
     mine = _fingerprint(runner)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from yaie_jax.executor.buckets import next_power_of
 from yaie_jax.outputs import Logprob
 
 PROMPT_TOPK = 20          # alternatives computed per prompt token (the largest `prompt_logprobs` allowed)
@@ -75,9 +76,7 @@ def rows_of_step(scheduled: Seq, query_start: np.ndarray) -> Tuple[np.ndarray, n
 def padded(index: np.ndarray, target: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Pad to a power of two >= MIN_ROWS rows (row 0, token 0: results dropped)."""
     n = len(index)
-    P = MIN_ROWS
-    while P < n:
-        P *= 2
+    P = next_power_of(n, 2, MIN_ROWS)
     out_i, out_t = np.zeros(P, np.int32), np.zeros(P, np.int32)       # [P]
     out_i[:n], out_t[:n] = index, target
     return out_i, out_t

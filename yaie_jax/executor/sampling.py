@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from yaie_jax.executor.buckets import next_power_of
 from yaie_jax.sampling_params import SamplingParams
 
 MIN_TEMPERATURE = 1e-5
@@ -78,14 +79,6 @@ class SampleResult(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------------- host side
-
-def _bucket(n: int, lo: int) -> int:
-    """Round up to lo * 2^k so that shapes (and so compiled programs) stay few."""
-    b = lo
-    while b < n:
-        b *= 2
-    return b
-
 
 def logprobs_bucket(n: int) -> int:
     """Top-logprob count to compute for a batch whose rows ask for at most n: 0 or 20 (OpenAI's maximum).
@@ -131,7 +124,7 @@ def row_key_data(seeds, sample_indices, steps) -> np.ndarray:
     """[..., 2] uint32 row keys (arguments broadcast together): threefry2x32(K(seed), (sample_index, step)).
 
     For sample 0 this is exactly jax.random.fold_in(jax.random.PRNGKey(seed), step) (seed < 2**32); other samples
-    of the same request use other counter blocks. Made on the host (one vectorized threefry, ~0.3 ms for any
+    of the same request use other counter blocks. Made on the host (one vectorized threefry for the whole
     batch) so the device program holds a single threefry, for the noise: cheaper to compile."""
     flat = np.asarray(seeds, dtype=object)
     s64 = np.asarray([int(s) & 0xFFFFFFFFFFFFFFFF for s in flat.ravel()], np.uint64).reshape(flat.shape)
@@ -155,6 +148,42 @@ def _column(values, S: int, fill, dtype) -> np.ndarray:
     out = np.full(S, fill, dtype)
     out[:len(values)] = values
     return out
+
+
+def _suppress_ids(ps, steps_list, eos_token_ids, S: int, num_steps: int) -> np.ndarray:
+    """[num_steps, S, K] ids each row suppresses per step, -1 = none (K = 0 when no row suppresses): min_tokens
+    rows still short of it suppress their stop ids (and EOS unless ignore_eos) for the steps until they reach it."""
+    suppressing = []                                       # (row, ids, number of steps it applies to)
+    for i, p in enumerate(ps):
+        if steps_list[i] < p.min_tokens:
+            ids = list(dict.fromkeys(list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))))
+            if ids:
+                suppressing.append((i, ids, min(num_steps, p.min_tokens - steps_list[i])))
+    K = next_power_of(max(len(ids) for _, ids, _ in suppressing), 2, 4) if suppressing else 0
+    suppress = np.full((num_steps, S, K), -1, np.int32)                                       # [num_steps, S, K]
+    for i, ids, until in suppressing:
+        suppress[:until, i, :len(ids)] = ids
+    return suppress
+
+
+def _penalty_history(pen, token_ids, num_prompt_tokens, S: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(prev_tokens [S, L] padded with -1, prev_is_output [S, L]) of the rows using a penalty (L = 0 if none)."""
+    n = len(pen)
+    if any(pen):
+        if token_ids is None or num_prompt_tokens is None:
+            raise ValueError("penalties need token_ids and num_prompt_tokens for every row")
+        L = next_power_of(max(len(token_ids[i]) for i in range(n)), 2, 64)
+    else:
+        L = 0
+    prev = np.full((S, L), -1, np.int32)                   # [S, L]
+    is_out = np.zeros((S, L), bool)                        # [S, L]
+    for i in range(n):
+        if not pen[i]:
+            continue                                       # its penalties are neutral; save the copy
+        toks = token_ids[i]
+        prev[i, :len(toks)] = toks
+        is_out[i, num_prompt_tokens[i]:len(toks)] = True
+    return prev, is_out
 
 
 def make_sampling_batch(params_list: Sequence[SamplingParams], *, pad_to: int,
@@ -204,33 +233,9 @@ def make_sampling_batch(params_list: Sequence[SamplingParams], *, pad_to: int,
         offsets = np.arange(num_steps, dtype=np.int64)[:, None]                                # [num_steps, 1]
         key_data[:, :n] = row_key_data(list(seeds[:n]), np.asarray(idx_list, np.int64)[None, :],
                                        np.asarray(steps_list, np.int64)[None, :] + offsets)
-    # min_tokens: rows still short of it suppress their stop ids (and EOS unless ignore_eos) for a few steps
-    suppressing = []                                       # (row, ids, number of steps it applies to)
-    for i, p in enumerate(ps):
-        if steps_list[i] < p.min_tokens:
-            ids = list(dict.fromkeys(list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))))
-            if ids:
-                suppressing.append((i, ids, min(num_steps, p.min_tokens - steps_list[i])))
-    any_suppress = bool(suppressing)
-    K = _bucket(max(len(ids) for _, ids, _ in suppressing), 4) if any_suppress else 0
-    suppress = np.full((num_steps, S, K), -1, np.int32)                                       # [num_steps, S, K]
-    for i, ids, until in suppressing:
-        suppress[:until, i, :len(ids)] = ids
-    if any_pen:
-        if token_ids is None or num_prompt_tokens is None:
-            raise ValueError("penalties need token_ids and num_prompt_tokens for every row")
-        L = _bucket(max(len(token_ids[i]) for i in range(n)), 64)
-    else:
-        L = 0
-    prev = np.full((S, L), -1, np.int32)                   # [S, L]
-    is_out = np.zeros((S, L), bool)                        # [S, L]
-    if any_pen:
-        for i in range(n):
-            if not pen[i]:
-                continue                                   # its penalties are neutral; save the copy
-            toks = token_ids[i]
-            prev[i, :len(toks)] = toks
-            is_out[i, num_prompt_tokens[i]:len(toks)] = True
+    suppress = _suppress_ids(ps, steps_list, eos_token_ids, S, num_steps)                   # [num_steps, S, K]
+    any_suppress = suppress.shape[-1] > 0
+    prev, is_out = _penalty_history(pen, token_ids, num_prompt_tokens, S)                     # [S, L] each
     max_logprobs = max((p.logprobs for p in ps if p.logprobs is not None), default=0)
     flags = SamplingFlags(all_greedy=not any(sampled), any_filters=any_filters, any_penalties=any_pen,
                           any_suppress=any_suppress, num_logprobs=logprobs_bucket(max_logprobs))

@@ -3,8 +3,8 @@ variant would.
 
 `sampling.sample` compiles what the batch's static `SamplingFlags` ask for (argmax only, a sort for the filters,
 penalties, min_tokens suppression, top logprobs), so each combination met is one more compile of the whole step
-program (4-15 s each on a 2-core CPU). The superset variant turns every feature on; a row that does not use one
-carries its neutral parameters, and those leave its logits bit for bit as they were:
+program (seconds each on a CPU: cpu_programs.py). The superset variant turns every feature on; a row that does
+not use one carries its neutral parameters, and those leave its logits bit for bit as they were:
 
   penalties   repetition 1 (x / 1 and x * 1 are x), presence and frequency 0 (x - 0 * count is x); history
               padding (-1) scatters nowhere;
@@ -24,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 
+from yaie_jax.executor.buckets import next_power_of
 from yaie_jax.executor.sampling import SamplingBatch, SamplingFlags
 
 GREEDY = SamplingFlags(all_greedy=True, any_filters=False, any_penalties=False, any_suppress=False,
@@ -36,10 +37,7 @@ SUPPRESS_WIDTH = 8            # stop_token_ids + EOS ids suppressed per row unde
 def history_width(max_model_len: int) -> int:
     """Width of the superset's penalty history: the smallest 64 * 2^k >= max_model_len (the width
     `make_sampling_batch` gives a batch of full-length rows), so every batch fits."""
-    w = 64
-    while w < max_model_len:
-        w *= 2
-    return w
+    return next_power_of(max_model_len, 2, 64)
 
 
 def to_superset(batch: SamplingBatch, flags: SamplingFlags, *, width: int) -> Optional[SamplingBatch]:

@@ -1,7 +1,8 @@
 """The contract between models, attention backends and the engine.
 
-A model is a pure function of its params. The engine gives it an *attention callable* per step; models never
-know about pages, requests or kernels.
+A model is a pure function of its params. The runner gives it an *attention callable* per step (built from the
+step's StepBatch by executor/attention.py `make_paged_attention`); models never know about pages, requests, the
+step batch or kernels.
 
     hidden, kv_caches = model.apply_hidden(params, input_ids, positions, attention, kv_caches)
     logits = model.apply_logits(params, hidden)
