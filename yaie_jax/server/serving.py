@@ -27,6 +27,7 @@ from ..sampling_params import SamplingParams
 from .settings import ServerSettings
 from .errors import APIError, engine_refusal, engine_unavailable
 from .logprobs import chat_logprobs, completion_logprobs, prompt_logprobs_json
+from .readiness import ProgressMonitor
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_request
 from .streaming import ChoiceFn, ClientDisconnected, SSEResponse, merged, run_unless_disconnected, sse_chunks
 from .tracking import Call, OutputTracker, RequestRecorder, usage_of
@@ -76,6 +77,7 @@ class OpenAIServing:
         self.root_model = getattr(getattr(engine, "config", None), "model", None)
         self.accepted_models = {self.model_name} | ({str(self.root_model)} if self.root_model else set())
         self.created = int(time.time())
+        self.progress = ProgressMonitor(async_engine, settings.stall_timeout_s)
 
     # ------------------------------------------------------------------------------------ shared checks
     async def parse(self, request: Request, cls):
@@ -321,13 +323,24 @@ class OpenAIServing:
         return self.model_card()
 
     def health(self) -> JSONResponse:
-        h = self.async_engine.health()
+        """Liveness (readiness.py): 200 while the engine loop runs and the server is not draining."""
+        ready, reasons, h = self.progress.evaluate()
         h["model"] = self.model_name
         h["device_memory"] = device_memory()
+        h["gpu_memory"] = total_device_memory(h["device_memory"])
         h["kv_cache_usage"] = self.async_engine.stats().get("kv_cache_usage")
-        status = 200 if h["status"] == "ok" else 503
-        headers = {"retry-after": str(max(1, self.settings.retry_after_s))} if status == 503 else None
-        return JSONResponse(h, status_code=status, headers=headers)
+        h["ready"], h["not_ready_reasons"], h["stalled"] = ready, reasons, self.progress.stalled
+        return self._probe_answer(h, h["status"] == "ok")
+
+    def ready(self) -> JSONResponse:
+        """Readiness (readiness.py): 200 when ready to take traffic, else 503 with the reasons."""
+        ready, reasons, h = self.progress.evaluate()
+        return self._probe_answer({"ready": ready, "reasons": reasons, "status": h["status"],
+                                   "model": self.model_name}, ready)
+
+    def _probe_answer(self, body: dict, ok: bool) -> JSONResponse:
+        headers = None if ok else {"retry-after": str(max(1, self.settings.retry_after_s))}
+        return JSONResponse(body, status_code=200 if ok else 503, headers=headers)
 
 
 def device_memory() -> Optional[List[dict]]:
@@ -347,6 +360,14 @@ def device_memory() -> Optional[List[dict]]:
         return out or None
     except Exception:
         return None
+
+
+def total_device_memory(devices: Optional[List[dict]]) -> Optional[dict]:
+    """Bytes in use and limit summed over `device_memory()`'s devices, or None when no device reports them."""
+    if not devices:
+        return None
+    return {"bytes_in_use": sum(d.get("bytes_in_use") or 0 for d in devices),
+            "bytes_limit": sum(d.get("bytes_limit") or 0 for d in devices), "num_devices": len(devices)}
 
 
 def package_version() -> str:
