@@ -29,7 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .metrics import LATENCY_BUCKETS, ServerMetrics
 from .readiness import ProgressMonitor
-from .serving import device_memory
+from .device_info import device_memory
 
 logger = logging.getLogger("yaie_jax.server")
 

@@ -11,8 +11,8 @@ Choices of a multi-prompt completion are numbered prompt_index * n + sample_inde
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import sys
 import time
 import uuid
 from functools import partial
@@ -27,6 +27,7 @@ from ..sampling_params import SamplingParams
 from .settings import ServerSettings
 from .errors import APIError, engine_refusal, engine_unavailable
 from .logprobs import chat_logprobs, completion_logprobs, prompt_logprobs_json
+from .device_info import device_memory, total_device_memory
 from .readiness import ProgressMonitor
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_request
 from .streaming import ChoiceFn, ClientDisconnected, SSEResponse, merged, run_unless_disconnected, sse_chunks
@@ -100,12 +101,32 @@ class OpenAIServing:
         return engine_unavailable(e, self.settings.retry_after_s)
 
     # ------------------------------------------------------------------------------------ generation
+    @property
+    def max_text_chars(self) -> int:
+        """The longest text a request may carry: max_model_len * prompt_chars_per_token (32 by default, 8x
+        English's ~4 characters per token, and above the longest tokens of common vocabularies). Longer text
+        cannot fit in the context, and is refused before it is tokenized."""
+        return self.max_model_len * self.settings.prompt_chars_per_token
+
+    def check_text_length(self, num_chars: int, param: str) -> None:
+        if num_chars > self.max_text_chars:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens, and the "
+                                f"text of `{param}` has {num_chars} characters: more than the "
+                                f"{self.max_text_chars} ({self.settings.prompt_chars_per_token} per token) this "
+                                f"server tokenizes. Please shorten it.", param=param, code="context_length_exceeded")
+
+    async def off_loop(self, fn: Callable, *args):
+        """`fn(*args)` in the engine's prepare thread (tokenizer calls stay serialized there), so a long chat
+        template or tokenization never blocks the event loop."""
+        executor = getattr(self.async_engine, "prepare_executor", None)
+        return await asyncio.get_running_loop().run_in_executor(executor, partial(fn, *args))
+
     async def start(self, request: Request, cls, ep: Endpoint, prompts_of: Callable[[Any], List[Prompt]]):
         """The shared prologue: (body, admitted `Call`) of a generation request."""
         arrival = time.monotonic()
         body = await self.parse(request, cls)
         params = body.to_sampling_params()
-        prompts = prompts_of(body)
+        prompts = await self.off_loop(prompts_of, body)
         rid = f"{ep.id_prefix}-{uuid.uuid4().hex}"
         client = self.client_of(request, body.user)
         streams = await self.admit(prompts, params, rid, priority=body.priority or 0, client=client,
@@ -190,13 +211,19 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------------------------ completions
     async def completions(self, request: Request) -> Response:
-        body, call = await self.start(request, CompletionRequest, COMPLETIONS, lambda b: b.prompts)
+        body, call = await self.start(request, CompletionRequest, COMPLETIONS, self._completion_prompts)
         echo_text = [self._prompt_text(p) if body.echo else "" for p in body.prompts]
         echo_choices = [{"index": pi * call.n + j, "text": echo_text[pi], "logprobs": None, "finish_reason": None}
                         for pi in range(len(body.prompts)) for j in range(call.n)] if body.echo else []
         return await self.answer(request, body, call, COMPLETIONS, first_choices=echo_choices,
                                  choice_of=partial(self._completion_chunk, echo_text, call.n),
                                  final_choices=partial(self._completion_choices, call, echo_text))
+
+    def _completion_prompts(self, body: CompletionRequest) -> List[Prompt]:
+        for p in body.prompts:
+            if isinstance(p, str):
+                self.check_text_length(len(p), "prompt")
+        return body.prompts
 
     def _completion_chunk(self, echo_text: List[str], n: int, pi: int, c: CompletionOutput, tr: OutputTracker,
                           delta: str) -> Optional[dict]:
@@ -273,6 +300,7 @@ class OpenAIServing:
     def chat_prompt(self, messages, add_generation_prompt: Optional[bool]) -> str:
         from ..tokenizer import apply_chat_template
         self.require_tokenizer("Chat", "messages")
+        self.check_text_length(sum(len(m.text()) for m in messages), "messages")
         convo = [m.as_template_dict() for m in messages]
         try:
             return apply_chat_template(self.tokenizer, convo,
@@ -285,6 +313,11 @@ class OpenAIServing:
     async def tokenize(self, request: Request) -> dict:
         body = await self.parse(request, TokenizeRequest)
         self.require_tokenizer("Tokenization", "prompt")
+        return await self.off_loop(self._tokenize, body)
+
+    def _tokenize(self, body: TokenizeRequest) -> dict:
+        if body.prompt is not None:
+            self.check_text_length(len(body.prompt), "prompt")
         try:
             if body.messages is not None:
                 text = self.chat_prompt(body.messages, body.add_generation_prompt)
@@ -341,33 +374,6 @@ class OpenAIServing:
     def _probe_answer(self, body: dict, ok: bool) -> JSONResponse:
         headers = None if ok else {"retry-after": str(max(1, self.settings.retry_after_s))}
         return JSONResponse(body, status_code=200 if ok else 503, headers=headers)
-
-
-def device_memory() -> Optional[List[dict]]:
-    """Per-device memory from JAX's `memory_stats()` when JAX is already loaded and reports it, else None."""
-    jax = sys.modules.get("jax")
-    if jax is None:
-        return None
-    try:
-        out = []
-        for d in jax.local_devices():
-            stats = d.memory_stats()
-            if not stats:
-                continue
-            out.append({"device": str(d), "bytes_in_use": stats.get("bytes_in_use"),
-                        "bytes_limit": stats.get("bytes_limit"),
-                        "peak_bytes_in_use": stats.get("peak_bytes_in_use")})
-        return out or None
-    except Exception:
-        return None
-
-
-def total_device_memory(devices: Optional[List[dict]]) -> Optional[dict]:
-    """Bytes in use and limit summed over `device_memory()`'s devices, or None when no device reports them."""
-    if not devices:
-        return None
-    return {"bytes_in_use": sum(d.get("bytes_in_use") or 0 for d in devices),
-            "bytes_limit": sum(d.get("bytes_limit") or 0 for d in devices), "num_devices": len(devices)}
 
 
 def package_version() -> str:
