@@ -387,6 +387,8 @@ class AsyncEngine:
                     self._last_step_time = self._last_progress_time = time.monotonic()
                     if self.step_observer is not None:
                         self._observe_step(self._last_step_time - t0)
+                    if not engine.has_unfinished_requests():
+                        self._refresh_stats(force=True)    # idle now: the snapshot says so before outputs go out
                     self._dispatch(outputs)
                     self._refresh_stats()
                 else:
