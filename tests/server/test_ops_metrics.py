@@ -71,3 +71,22 @@ def test_device_memory_and_nvml_utilization(monkeypatch):
         h = srv.health().json()
         assert h["gpu_memory"] == {"bytes_in_use": 107, "bytes_limit": 200, "num_devices": 2}
         assert [d["device"] for d in h["device_memory"]] == ["cuda:0", "cuda:1"]
+
+
+def test_an_error_sent_mid_stream_is_counted_and_ends_each_sample():
+    import httpx
+    engine = FakeEngine(step_delay_s=0.01)
+    with live_server(engine) as srv:
+        with httpx.stream("POST", srv.base_url + "/completions", timeout=30,
+                          json={"prompt": "boom", "max_tokens": 200, "stream": True, "n": 2}) as r:
+            lines = []
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    if len(lines) == 3:
+                        engine.fail_next_step = True
+        assert lines[-1] == "data: [DONE]" and '"engine_dead"' in lines[-2]
+        ends = [line for line in lines if '"finish_reason":"abort"' in line]
+        assert len(ends) == 2                                     # one last chunk per sample, then the error
+        assert samples(srv.metrics(), "yaie:http_requests_rejected_total") == {
+            (("code", "engine_dead"), ("status", "503")): 1.0}

@@ -16,7 +16,9 @@ Observed:
     yaie:engine_step_batch_size                     histogram, sequences running at each step (the engine's
                                                     stats snapshot, at most ~50 ms old)
     yaie:http_requests_total{endpoint,status}       counter, every HTTP answer by status (unknown paths:
-                                                    endpoint="other"); errors by code: yaie:http_requests_rejected
+                                                    endpoint="other"); errors by status and code:
+                                                    yaie:http_requests_rejected_total (metrics.py), which
+                                                    also counts errors sent as a stream's error event
 """
 from __future__ import annotations
 

@@ -79,10 +79,14 @@ async def sse_chunks(call: Call, recorder: RequestRecorder, *, envelope: dict, f
     except (EngineDeadError, EngineUnavailableError) as e:
         for ch in _abort_choices(call, choice_of):
             yield chunk([ch], None, include_usage)
-        yield sse(engine_unavailable(e, retry_after_s).body())
+        err = engine_unavailable(e, retry_after_s)
+        recorder.metrics.observe_rejected(err.status, err.code)     # an error answered mid-stream counts too
+        yield sse(err.body())
         yield DONE
     except ValueError as e:     # an engine refusal of the input: name the endpoint's input field
-        yield sse(engine_refusal(e, call.input_param).body())
+        err = engine_refusal(e, call.input_param)
+        recorder.metrics.observe_rejected(err.status, err.code or err.type)
+        yield sse(err.body())
         yield DONE
     finally:
         call.abort()
