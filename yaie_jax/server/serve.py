@@ -9,7 +9,7 @@ Shutdown (SIGTERM or Ctrl-C): new requests are refused at once (503 + Retry-Afte
 "draining", the listener stays open so probes see it), in-flight requests get `shutdown_timeout_s` to finish; at
 that deadline every stream still open gets finish_reason "abort", an OpenAI-shaped error event (code
 "drain_timeout") and `data: [DONE]`, every non-streamed request a 503; then the engine thread stops and the
-process exits 0. A second signal ends the drain early; a second Ctrl-C forces the exit.
+process exits 0. A second signal ends the drain early (uvicorn's own shutdown); a further Ctrl-C forces the exit.
 
 Exit codes: 0 after a clean shutdown, 2 for a configuration error (the message names the file key, variable
 or flag at fault), 1 if the engine cannot be built.
@@ -90,7 +90,7 @@ def _make_server_class():
         /ready 503) while the listener stays open; in-flight requests get `drain_timeout_s` to finish; at the
         deadline the rest are ended (a stream: finish_reason "abort" chunks, an error event, `[DONE]`; a
         non-streamed request: 503), then uvicorn shuts down. A second signal skips the rest of the drain (a
-        second SIGINT forces the exit). The process exits 0 instead of re-raising the signal."""
+        further SIGINT forces the exit). The process exits 0 instead of re-raising the signal."""
 
         async_engine = None
         drain_timeout_s = 30.0
