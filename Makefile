@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 PORT ?= 8000
 HOST ?= 127.0.0.1
 
-.PHONY: venv install install-test serve test clean
+.PHONY: venv install install-test serve test ops-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ serve: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the deploy/ checks tests/deploy runs, by hand: promtool (Debian package prometheus), hadolint, kubernetes-validate
+ops-check: $(VENV)/.installed-test
+	cd deploy/prometheus && promtool check config prometheus.yml && promtool test rules alerts_test.yml
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/kubernetes-validate --strict deploy/kubernetes/deployment.yaml deploy/kubernetes/service.yaml \
+		deploy/kubernetes/pdb.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache

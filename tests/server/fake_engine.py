@@ -118,7 +118,8 @@ class FakeRequest:
 
 class FakeEngine:
     """See the module docstring. Knobs: `step_delay_s`, `max_num_seqs`, `max_model_len`, `num_kv_blocks`,
-    `paused` (steps make no progress: requests stay waiting), `fail_next_step` (next step raises)."""
+    `paused` (steps make no progress: requests stay waiting), `fail_next_step` (next step raises), `hang_steps`
+    (a threading.Event: while set, a step does not return), `compiling` (what `compiling_programs()` reports)."""
 
     def __init__(self, *, max_model_len: int = 512, max_num_seqs: int = 64, step_delay_s: float = 0.002,
                  block_size: int = 8, num_kv_blocks: int = 4096, split_admission: bool = True,
@@ -135,6 +136,8 @@ class FakeEngine:
         self.num_kv_blocks = num_kv_blocks
         self.paused = False
         self.fail_next_step = False
+        self.hang_steps = threading.Event()
+        self.compiling: List[dict] = []
         self.waiting: "collections.OrderedDict[str, FakeRequest]" = collections.OrderedDict()
         self.running: "collections.OrderedDict[str, FakeRequest]" = collections.OrderedDict()
         self.seen_prefixes = set()
@@ -207,6 +210,9 @@ class FakeEngine:
         self._check_thread()
         return bool(self.waiting or self.running)
 
+    def compiling_programs(self) -> List[dict]:
+        return list(self.compiling)
+
     # ------------------------------------------------------------------ stats
     def _blocks(self, req: FakeRequest) -> int:
         n = len(req.prompt_token_ids) + max((len(s.token_ids) for s in req.seqs), default=0)
@@ -230,6 +236,8 @@ class FakeEngine:
             raise RuntimeError("injected engine failure")
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
+        while self.hang_steps.is_set():
+            time.sleep(0.005)
         self.num_steps += 1
         now = time.monotonic()
         outputs: List[RequestOutput] = []

@@ -7,7 +7,8 @@ Threading contract (DESIGN.md, Server):
   through `loop.call_soon_threadsafe` into that request's `asyncio.Queue` (one call per event loop per step).
 - Bad input surfaces from `await add_request(...)` as `ValueError` (the engine's typed `InvalidRequestError`,
   e.g. `ContextLengthError`: yaie_jax/errors.py) before any HTTP response is started: an engine with
-  `make_request`/`add_prepared` validates and tokenizes in the caller's thread (it only reads engine state); for
+  `make_request`/`add_prepared` validates and tokenizes in one prepare thread (`prepare_executor`; it only reads
+  engine state), so a long prompt never blocks the event loop; for
   an engine with only `add_request`, the engine thread adds it and the caller awaits the verdict.
 - A consumer that goes away (HTTP client disconnect = task cancellation) calls `RequestStream.abort()` (the
   `generate()` helper does it in `finally`), which aborts the request in the engine and frees its blocks.
@@ -15,7 +16,8 @@ Threading contract (DESIGN.md, Server):
   and `health()["engine_loop_alive"]` is False (the server answers /health with 503).
 - `shutdown(timeout_s)` drains: new requests are refused (`EngineUnavailableError`), in-flight requests get up
   to `timeout_s` to finish, the rest are aborted (their streams end with finish_reason "abort"), then the thread
-  stops.
+  stops. `expire_requests(error)` ends every admitted request at once, each stream raising `error` (the server's
+  drain deadline).
 
 Outputs are cumulative (vLLM semantics): a stream may coalesce several engine outputs into the latest one when
 its consumer is slower than the engine, which loses nothing.
@@ -23,6 +25,7 @@ its consumer is slower than the engine, which loses nothing.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import dataclasses
 import inspect
@@ -31,7 +34,8 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, AsyncIterator, Dict, List, Optional, Union
+from functools import partial
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Union
 
 from yaie_jax.outputs import CompletionOutput, RequestOutput
 from yaie_jax.sampling_params import SamplingParams
@@ -162,6 +166,13 @@ class AsyncEngine:
         self._last_step_time: Optional[float] = None
         self._num_steps = 0
         self._started_at = time.monotonic()
+        # last time the engine thread completed a step or found nothing to do (forward-progress detection)
+        self._last_progress_time = self._started_at
+        # called on the engine thread after each step with its wall seconds (the server's step-time metrics)
+        self.step_observer: Optional[Callable[[float], None]] = None
+        # one thread validates and tokenizes prompts (`make_request`) so a long one never blocks the event loop;
+        # one, so tokenizer calls stay serialized as they were on the loop
+        self.prepare_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="yaie-prepare")
         self._ids = itertools.count()
         # Split admission: an engine with `make_request` (validate/tokenize, reads state only) and
         # `add_prepared` (queue it) lets bad input fail in the caller's thread; otherwise the engine thread calls
@@ -204,6 +215,7 @@ class AsyncEngine:
         self.stop()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
+        self.prepare_executor.shutdown(wait=False)
 
     def stop(self) -> None:
         """Ask the engine thread to abort everything and exit (non-blocking)."""
@@ -249,7 +261,9 @@ class AsyncEngine:
         if self._split_admission:
             # validate + tokenize here (engine state is only read): errors need no trip to the engine thread,
             # and tokenizing a long prompt does not stall the step loop
-            prepared = self.engine.make_request(request_id, prompt, params, **kwargs)
+            prepared = await loop.run_in_executor(
+                self.prepare_executor, partial(self.engine.make_request, request_id, prompt, params, **kwargs))
+            self._check_accepting()
             self._enqueue_add(_AddCommand(request_id, prompt, params, kwargs, rs, loop, None, prepared))
             return rs
         if self._engine_kwargs is not None:
@@ -297,6 +311,11 @@ class AsyncEngine:
     def _abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    def expire_requests(self, error: BaseException) -> None:
+        """End every request admitted so far: each is aborted in the engine and its stream raises `error` (e.g. an
+        `EngineUnavailableError` at a drain deadline). Non-blocking; the engine thread does it between steps."""
+        self._inbox.put(("expire", error))
+
     # ------------------------------------------------------------------ health / stats
     def stats(self) -> Dict[str, Any]:
         """The latest engine `get_stats()` snapshot (at most ~stats_interval_s + one step old)."""
@@ -330,6 +349,8 @@ class AsyncEngine:
             "kv_blocks_free": s.get("kv_blocks_free"),
             "num_steps": self._num_steps,
             "last_step_age_s": None if self._last_step_time is None else round(now - self._last_step_time, 3),
+            # seconds since the engine thread last completed a step or was idle: grows only while work is stuck
+            "last_progress_age_s": round(now - self._last_progress_time, 3),
             "uptime_s": round(now - self._started_at, 3),
             # step programs compiling now ({program, sampling, reason, seconds}); a request needing one waits
             "compiling": bool(compiling),
@@ -360,15 +381,21 @@ class AsyncEngine:
                 if self._stop.is_set():
                     break
                 if engine.has_unfinished_requests():
+                    t0 = time.monotonic()
                     outputs = engine.step()
                     self._num_steps += 1
-                    self._last_step_time = time.monotonic()
+                    self._last_step_time = self._last_progress_time = time.monotonic()
+                    if self.step_observer is not None:
+                        self._observe_step(self._last_step_time - t0)
+                    if not engine.has_unfinished_requests():
+                        self._refresh_stats(force=True)    # idle now: the snapshot says so before outputs go out
                     self._dispatch(outputs)
                     self._refresh_stats()
                 else:
                     idle_work = getattr(engine, "idle_work", None)
                     if idle_work is not None:
                         idle_work()            # e.g. first runs of programs compiled in the background
+                    self._last_progress_time = time.monotonic()
                     self._refresh_stats(force=True)
         except BaseException as e:  # noqa: BLE001 - any failure in the loop kills it; report, don't hang clients
             logger.exception("engine loop died")
@@ -388,6 +415,12 @@ class AsyncEngine:
             self._closed = True
         self._fail_all(_Sentinel("aborted"))
         self._refresh_stats(force=True)
+
+    def _observe_step(self, seconds: float) -> None:
+        try:
+            self.step_observer(seconds)
+        except Exception:  # metrics are best effort; never kill the loop for them
+            logger.exception("step_observer failed")
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -436,6 +469,16 @@ class AsyncEngine:
                 self._stream_loops.pop(rid, None)
                 self.engine.abort_request(rid)
                 self._refresh_stats(force=True)
+        elif cmd[0] == "expire":
+            items = []
+            for rid, rs in list(self._streams.items()):
+                self.engine.abort_request(rid)
+                items.append((self._stream_loops[rid], rs.queue))
+            self._streams.clear()
+            self._stream_loops.clear()
+            for loop, q in items:
+                _deliver(loop, [(q, _Sentinel("error", cmd[1]))])
+            self._refresh_stats(force=True)
         elif cmd[0] == "stop":
             self._stop.set()
 

@@ -16,6 +16,7 @@ on shutdown when `manage_engine`); every route delegates to `OpenAIServing` (ser
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Optional
@@ -30,6 +31,7 @@ from .auth import APIKeys, AuthRateLimitMiddleware, RateLimiter
 from .errors import install_error_handlers
 from .logging import RequestLog, fmt_age
 from .metrics import ServerMetrics
+from .ops_metrics import StatusCountMiddleware, register_ops_metrics
 from .serving import OpenAIServing, device_memory, package_version
 from .streaming import SSEResponse
 from .tracking import RequestRecorder
@@ -37,17 +39,20 @@ from .tracking import RequestRecorder
 logger = logging.getLogger("yaie_jax.server")
 
 
-def _lifespan(async_engine: AsyncEngine, manage_engine: bool, shutdown_timeout_s: float):
-    """With `manage_engine`: start the engine thread on app start-up, drain it (bounded) on shutdown."""
+def _lifespan(async_engine: AsyncEngine, manage_engine: bool, shutdown_timeout_s: float, watch):
+    """With `manage_engine`: start the engine thread on app start-up, drain it (bounded) on shutdown. `watch`: a
+    coroutine function run as a task while the app runs (the forward-progress watch)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         if manage_engine:
             async_engine.start()
+        watcher = asyncio.ensure_future(watch())
         logger.info("start-up: app started, %s", fmt_age())
         try:
             yield
         finally:
+            watcher.cancel()
             if manage_engine:
                 await async_engine.shutdown(shutdown_timeout_s)
 
@@ -76,9 +81,11 @@ def create_app(async_engine: AsyncEngine, settings: Optional[ServerSettings] = N
     metrics = ServerMetrics(model_name, stats_fn=async_engine.stats, health_fn=async_engine.health)
     reqlog = RequestLog(log_stream, settings.log_requests)
     serving = OpenAIServing(async_engine, settings, RequestRecorder(metrics, reqlog, model_name))
+    requests_total = register_ops_metrics(metrics, async_engine, serving.progress)
 
     app = FastAPI(title="yaie_jax", version=package_version(),
-                  lifespan=_lifespan(async_engine, manage_engine, settings.shutdown_timeout_s))
+                  lifespan=_lifespan(async_engine, manage_engine, settings.shutdown_timeout_s,
+                                     serving.progress.watch))
     app.state.async_engine = async_engine
     app.state.metrics = metrics
     app.state.settings = settings
@@ -89,11 +96,16 @@ def create_app(async_engine: AsyncEngine, settings: Optional[ServerSettings] = N
         reqlog.rejected(endpoint=path, status=status, code=code, model=model_name)
 
     _add_middleware(app, settings, on_reject)
+    app.add_middleware(StatusCountMiddleware, counter=requests_total, model_name=model_name)   # outermost
     install_error_handlers(app, on_reject)
 
     @app.get("/health")
     async def health():
         return serving.health()
+
+    @app.get("/ready")
+    async def ready():
+        return serving.ready()
 
     @app.get("/metrics")
     async def prometheus_metrics():

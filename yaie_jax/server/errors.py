@@ -5,7 +5,8 @@
   (`param`, `code`, `client_message`); an untyped `ValueError` is a 400 without `param`.
 - `engine_unavailable`: engine dead (503 `engine_dead`) or not accepting (503 with `Retry-After`).
 - `install_error_handlers`: FastAPI handlers so that validation errors, unknown routes and bugs (500) are
-  answered in the same shape, each reported to `on_reject`.
+  answered in the same shape, each reported to `on_reject`; a client that disconnects before its body is read is
+  a 499 `client_disconnected`, logged at INFO.
 """
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ from typing import Callable, Dict, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from yaie_jax.engine.async_engine import EngineDeadError
 from ..errors import InvalidRequestError
 
 logger = logging.getLogger("yaie_jax.server")
+
+CLIENT_CLOSED_REQUEST = 499       # nginx's status for a client that went away before the answer
 
 # (HTTP status, OpenAI code or type, URL path) of every rejected request
 OnReject = Callable[[int, Optional[str], str], None]
@@ -89,6 +93,14 @@ def install_error_handlers(app: FastAPI, on_reject: OnReject) -> None:
         msg = {404: f"Unknown URL: {request.method} {request.url.path}",
                405: f"Method {request.method} is not allowed for {request.url.path}"}.get(e.status_code, str(e.detail))
         return rejected(request, APIError(e.status_code, msg, code=code, headers=getattr(e, "headers", None)))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_disconnect(request: Request, e: ClientDisconnect):
+        # the client left before its body was read (e.g. mid-upload): its fault, nobody to answer, no traceback
+        logger.info("client disconnected before its request body was read: %s %s", request.method,
+                    request.url.path)
+        on_reject(CLIENT_CLOSED_REQUEST, "client_disconnected", request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, e: Exception):

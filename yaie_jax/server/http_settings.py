@@ -31,7 +31,9 @@ class ServerSettings:
     retry_after_s: int = 1                   # Retry-After sent with 503 (queue full, draining)
     request_timeout_s: Optional[float] = None    # whole-request bound (finish_reason "timeout"); None = none
     queue_timeout_s: Optional[float] = None      # bound on time spent waiting before the first step
-    shutdown_timeout_s: float = 30.0         # SIGTERM: in-flight requests get this long to finish, then abort
+    shutdown_timeout_s: float = 30.0         # SIGTERM: drain this long, then end what is left (error event / 503)
+    stall_timeout_s: Optional[float] = 120.0     # work waiting, no step for this long: not ready (None = off)
+    prompt_chars_per_token: int = 32         # text longer than max_model_len * this is refused before tokenizing
     max_request_bytes: int = 16 * 1024 * 1024    # larger bodies are refused with 413
     log_level: str = "info"
     log_requests: bool = True                # one JSON line per finished request
@@ -66,6 +68,10 @@ class ServerSettings:
                 bad(name, "must be > 0 or None")
         if not self.shutdown_timeout_s >= 0:
             bad("shutdown_timeout_s", "must be >= 0")
+        if self.stall_timeout_s is not None and not self.stall_timeout_s > 0:
+            bad("stall_timeout_s", "must be > 0 or None")
+        if not isinstance(self.prompt_chars_per_token, int) or self.prompt_chars_per_token < 1:
+            bad("prompt_chars_per_token", "must be a positive integer")
         if not isinstance(self.max_request_bytes, int) or self.max_request_bytes < 1024:
             bad("max_request_bytes", "must be an integer >= 1024")
         if str(self.log_level).lower() not in ("critical", "error", "warning", "info", "debug", "trace"):

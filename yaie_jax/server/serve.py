@@ -5,9 +5,11 @@ Start-up: build the effective configuration (defaults < `--config` YAML < enviro
 (`yaie_jax.engine.core.LLMEngine(config)`, imported only now so `--help`/`--print-config` stay fast), wrap it in an
 `AsyncEngine`, and run uvicorn.
 
-Shutdown (SIGTERM or Ctrl-C): the server stops accepting connections and new requests (503 + Retry-After on
-kept-alive connections, /health turns 503 "draining"), in-flight requests get `shutdown_timeout_s` to finish,
-what is left is aborted, the engine thread stops, and the process exits 0. A second Ctrl-C forces the exit.
+Shutdown (SIGTERM or Ctrl-C): new requests are refused at once (503 + Retry-After; /ready and /health turn 503
+"draining", the listener stays open so probes see it), in-flight requests get `shutdown_timeout_s` to finish; at
+that deadline every stream still open gets finish_reason "abort", an OpenAI-shaped error event (code
+"drain_timeout") and `data: [DONE]`, every non-streamed request a 503; then the engine thread stops and the
+process exits 0. A second signal ends the drain early (uvicorn's own shutdown); a further Ctrl-C forces the exit.
 
 Exit codes: 0 after a clean shutdown, 2 for a configuration error (the message names the file key, variable
 or flag at fault), 1 if the engine cannot be built.
@@ -74,21 +76,55 @@ def start_backend_init(settings: Settings, factory: Optional[str] = None) -> Opt
     return thread
 
 
+DRAIN_TIMEOUT_CODE = "drain_timeout"     # the code of the error that ends what is left at the drain deadline
+EXPIRED_FLUSH_S = 5.0                    # after the deadline, at most this long for the answers to go out
+
+
 def _make_server_class():
     import uvicorn
 
+    from yaie_jax.engine.async_engine import EngineUnavailableError
+
     class DrainingServer(uvicorn.Server):
-        """uvicorn's server, but a signal first makes the engine refuse new requests (drain), and the process
-        exits 0 after the graceful shutdown instead of re-raising the signal."""
+        """uvicorn's server, draining on the first SIGTERM/SIGINT: the engine refuses new requests at once (503,
+        /ready 503) while the listener stays open; in-flight requests get `drain_timeout_s` to finish; at the
+        deadline the rest are ended (a stream: finish_reason "abort" chunks, an error event, `[DONE]`; a
+        non-streamed request: 503), then uvicorn shuts down. A second signal skips the rest of the drain (a
+        further SIGINT forces the exit). The process exits 0 instead of re-raising the signal."""
 
         async_engine = None
+        drain_timeout_s = 30.0
+        _deadline = None             # monotonic drain deadline, once draining
+        _expired_at = None           # when what was left was ended
 
         def handle_exit(self, sig, frame) -> None:
-            if self.async_engine is not None:
+            if self._deadline is None and self.async_engine is not None:
                 self.async_engine.begin_drain()
+                self._deadline = time.monotonic() + self.drain_timeout_s
+                logger.info("draining: %d requests in flight, %.1f s to finish",
+                            self.async_engine.num_active_requests(), self.drain_timeout_s)
+                return
             if self.should_exit and sig == signal.SIGINT:
                 self.force_exit = True
             else:
+                self.should_exit = True
+
+        async def on_tick(self, counter: int) -> bool:
+            if self._deadline is not None and not self.should_exit:
+                self._drain_tick(time.monotonic())
+            return await super().on_tick(counter)
+
+        def _drain_tick(self, now: float) -> None:
+            eng = self.async_engine
+            if eng.num_active_requests() == 0 or not eng.is_running:
+                self.should_exit = True
+            elif self._expired_at is None and now >= self._deadline:
+                logger.info("drain deadline: ending %d requests still in flight", eng.num_active_requests())
+                eng.expire_requests(EngineUnavailableError(
+                    f"the server shut down before this request finished (drain deadline of "
+                    f"{self.drain_timeout_s:g} s)", reason=DRAIN_TIMEOUT_CODE))
+                self._expired_at = now
+            elif self._expired_at is not None and now - self._expired_at > EXPIRED_FLUSH_S:
                 self.should_exit = True
 
     return DrainingServer
@@ -137,11 +173,13 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m yaie_ja
     async_engine = AsyncEngine(engine, max_waiting_requests=srv.max_waiting_requests,
                                model_name=settings.engine.served_model_name)
     app = create_app(async_engine, srv)
+    # the drain happens before uvicorn's own graceful shutdown (DrainingServer): by then the answers are out
     config = uvicorn.Config(app, host=srv.host, port=srv.port, log_level=srv.log_level,
-                            access_log=srv.access_log, timeout_graceful_shutdown=int(max(1, srv.shutdown_timeout_s)),
+                            access_log=srv.access_log, timeout_graceful_shutdown=int(EXPIRED_FLUSH_S),
                             lifespan="on")
     server = _make_server_class()(config)
     server.async_engine = async_engine
+    server.drain_timeout_s = srv.shutdown_timeout_s
     logger.info("start-up: app built, starting uvicorn, %s", fmt_age())
     print(json.dumps({"event": "listening", "url": f"http://{srv.host}:{srv.port}/v1",
                       "model": async_engine.model_name}), flush=True)

@@ -11,8 +11,8 @@ Choices of a multi-prompt completion are numbered prompt_index * n + sample_inde
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import sys
 import time
 import uuid
 from functools import partial
@@ -27,6 +27,8 @@ from ..sampling_params import SamplingParams
 from .settings import ServerSettings
 from .errors import APIError, engine_refusal, engine_unavailable
 from .logprobs import chat_logprobs, completion_logprobs, prompt_logprobs_json
+from .device_info import device_memory, total_device_memory
+from .readiness import ProgressMonitor
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_request
 from .streaming import ChoiceFn, ClientDisconnected, SSEResponse, merged, run_unless_disconnected, sse_chunks
 from .tracking import Call, OutputTracker, RequestRecorder, usage_of
@@ -76,6 +78,7 @@ class OpenAIServing:
         self.root_model = getattr(getattr(engine, "config", None), "model", None)
         self.accepted_models = {self.model_name} | ({str(self.root_model)} if self.root_model else set())
         self.created = int(time.time())
+        self.progress = ProgressMonitor(async_engine, settings.stall_timeout_s)
 
     # ------------------------------------------------------------------------------------ shared checks
     async def parse(self, request: Request, cls):
@@ -98,12 +101,32 @@ class OpenAIServing:
         return engine_unavailable(e, self.settings.retry_after_s)
 
     # ------------------------------------------------------------------------------------ generation
+    @property
+    def max_text_chars(self) -> int:
+        """The longest text a request may carry: max_model_len * prompt_chars_per_token (32 by default, 8x
+        English's ~4 characters per token, and above the longest tokens of common vocabularies). Longer text
+        cannot fit in the context, and is refused before it is tokenized."""
+        return self.max_model_len * self.settings.prompt_chars_per_token
+
+    def check_text_length(self, num_chars: int, param: str) -> None:
+        if num_chars > self.max_text_chars:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens, and the "
+                                f"text of `{param}` has {num_chars} characters: more than the "
+                                f"{self.max_text_chars} ({self.settings.prompt_chars_per_token} per token) this "
+                                f"server tokenizes. Please shorten it.", param=param, code="context_length_exceeded")
+
+    async def off_loop(self, fn: Callable, *args):
+        """`fn(*args)` in the engine's prepare thread (tokenizer calls stay serialized there), so a long chat
+        template or tokenization never blocks the event loop."""
+        executor = getattr(self.async_engine, "prepare_executor", None)
+        return await asyncio.get_running_loop().run_in_executor(executor, partial(fn, *args))
+
     async def start(self, request: Request, cls, ep: Endpoint, prompts_of: Callable[[Any], List[Prompt]]):
         """The shared prologue: (body, admitted `Call`) of a generation request."""
         arrival = time.monotonic()
         body = await self.parse(request, cls)
         params = body.to_sampling_params()
-        prompts = prompts_of(body)
+        prompts = await self.off_loop(prompts_of, body)
         rid = f"{ep.id_prefix}-{uuid.uuid4().hex}"
         client = self.client_of(request, body.user)
         streams = await self.admit(prompts, params, rid, priority=body.priority or 0, client=client,
@@ -188,13 +211,19 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------------------------ completions
     async def completions(self, request: Request) -> Response:
-        body, call = await self.start(request, CompletionRequest, COMPLETIONS, lambda b: b.prompts)
+        body, call = await self.start(request, CompletionRequest, COMPLETIONS, self._completion_prompts)
         echo_text = [self._prompt_text(p) if body.echo else "" for p in body.prompts]
         echo_choices = [{"index": pi * call.n + j, "text": echo_text[pi], "logprobs": None, "finish_reason": None}
                         for pi in range(len(body.prompts)) for j in range(call.n)] if body.echo else []
         return await self.answer(request, body, call, COMPLETIONS, first_choices=echo_choices,
                                  choice_of=partial(self._completion_chunk, echo_text, call.n),
                                  final_choices=partial(self._completion_choices, call, echo_text))
+
+    def _completion_prompts(self, body: CompletionRequest) -> List[Prompt]:
+        for p in body.prompts:
+            if isinstance(p, str):
+                self.check_text_length(len(p), "prompt")
+        return body.prompts
 
     def _completion_chunk(self, echo_text: List[str], n: int, pi: int, c: CompletionOutput, tr: OutputTracker,
                           delta: str) -> Optional[dict]:
@@ -271,6 +300,7 @@ class OpenAIServing:
     def chat_prompt(self, messages, add_generation_prompt: Optional[bool]) -> str:
         from ..tokenizer import apply_chat_template
         self.require_tokenizer("Chat", "messages")
+        self.check_text_length(sum(len(m.text()) for m in messages), "messages")
         convo = [m.as_template_dict() for m in messages]
         try:
             return apply_chat_template(self.tokenizer, convo,
@@ -283,6 +313,11 @@ class OpenAIServing:
     async def tokenize(self, request: Request) -> dict:
         body = await self.parse(request, TokenizeRequest)
         self.require_tokenizer("Tokenization", "prompt")
+        return await self.off_loop(self._tokenize, body)
+
+    def _tokenize(self, body: TokenizeRequest) -> dict:
+        if body.prompt is not None:
+            self.check_text_length(len(body.prompt), "prompt")
         try:
             if body.messages is not None:
                 text = self.chat_prompt(body.messages, body.add_generation_prompt)
@@ -321,32 +356,24 @@ class OpenAIServing:
         return self.model_card()
 
     def health(self) -> JSONResponse:
-        h = self.async_engine.health()
+        """Liveness (readiness.py): 200 while the engine loop runs and the server is not draining."""
+        ready, reasons, h = self.progress.evaluate()
         h["model"] = self.model_name
         h["device_memory"] = device_memory()
+        h["gpu_memory"] = total_device_memory(h["device_memory"])
         h["kv_cache_usage"] = self.async_engine.stats().get("kv_cache_usage")
-        status = 200 if h["status"] == "ok" else 503
-        headers = {"retry-after": str(max(1, self.settings.retry_after_s))} if status == 503 else None
-        return JSONResponse(h, status_code=status, headers=headers)
+        h["ready"], h["not_ready_reasons"], h["stalled"] = ready, reasons, self.progress.stalled
+        return self._probe_answer(h, h["status"] == "ok")
 
+    def ready(self) -> JSONResponse:
+        """Readiness (readiness.py): 200 when ready to take traffic, else 503 with the reasons."""
+        ready, reasons, h = self.progress.evaluate()
+        return self._probe_answer({"ready": ready, "reasons": reasons, "status": h["status"],
+                                   "model": self.model_name}, ready)
 
-def device_memory() -> Optional[List[dict]]:
-    """Per-device memory from JAX's `memory_stats()` when JAX is already loaded and reports it, else None."""
-    jax = sys.modules.get("jax")
-    if jax is None:
-        return None
-    try:
-        out = []
-        for d in jax.local_devices():
-            stats = d.memory_stats()
-            if not stats:
-                continue
-            out.append({"device": str(d), "bytes_in_use": stats.get("bytes_in_use"),
-                        "bytes_limit": stats.get("bytes_limit"),
-                        "peak_bytes_in_use": stats.get("peak_bytes_in_use")})
-        return out or None
-    except Exception:
-        return None
+    def _probe_answer(self, body: dict, ok: bool) -> JSONResponse:
+        headers = None if ok else {"retry-after": str(max(1, self.settings.retry_after_s))}
+        return JSONResponse(body, status_code=200 if ok else 503, headers=headers)
 
 
 def package_version() -> str:

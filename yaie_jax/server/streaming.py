@@ -3,7 +3,8 @@
 - `sse_chunks(call, ...)`: the SSE body shared by completions and chat (OpenAI's format): `data: {chunk}` lines,
   first the endpoint's opening choices (echoed prompts, chat role deltas), then one chunk per new output of a
   sample, `finish_reason` only on each sample's last chunk, the usage chunk (empty `choices`) when asked for,
-  then `data: [DONE]`. An engine failure mid-stream is sent as an error event before `[DONE]`. However it ends,
+  then `data: [DONE]`. An engine failure mid-stream (or the drain deadline) ends every unfinished sample with
+  finish_reason "abort", then sends an error event before `[DONE]`. However it ends,
   the engine requests are aborted, the request is recorded and logged.
 - `SSEResponse`: a streaming response that cancels its body when the client disconnects.
 - `merged(streams)`: (prompt index, output) from several engine streams as they come.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from typing import Any, AsyncIterator, Callable, List, Optional, Tuple
@@ -75,15 +77,42 @@ async def sse_chunks(call: Call, recorder: RequestRecorder, *, envelope: dict, f
             yield chunk([], usage_of(call.trackers), True)
         yield DONE
     except (EngineDeadError, EngineUnavailableError) as e:
-        yield sse(engine_unavailable(e, retry_after_s).body())
+        for ch in _abort_choices(call, choice_of):
+            yield chunk([ch], None, include_usage)
+        err = engine_unavailable(e, retry_after_s)
+        recorder.metrics.observe_rejected(err.status, err.code)     # an error answered mid-stream counts too
+        yield sse(err.body())
         yield DONE
     except ValueError as e:     # an engine refusal of the input: name the endpoint's input field
-        yield sse(engine_refusal(e, call.input_param).body())
+        err = engine_refusal(e, call.input_param)
+        recorder.metrics.observe_rejected(err.status, err.code or err.type)
+        yield sse(err.body())
         yield DONE
     finally:
         call.abort()
         recorder.finish(call, time.monotonic())
         recorder.log_finished(call, True, aborted=aborted)
+
+
+def _abort_choices(call: Call, choice_of: ChoiceFn) -> List[dict]:
+    """The last chunk's choice (finish_reason "abort", with any text not yet sent) of every sample that had not
+    finished when the engine stopped serving the call."""
+    out = []
+    for pi, tr in enumerate(call.trackers):
+        latest = {c.index: c for c in (tr.latest.outputs if tr.latest is not None else [])}
+        for j in range(call.n):
+            if tr.done[j]:
+                continue
+            c = latest.get(j)
+            c = dataclasses.replace(c, finish_reason="abort") if c is not None \
+                else CompletionOutput(index=j, finish_reason="abort")
+            delta = tr.text_delta(c)
+            ch = choice_of(pi, c, tr, delta)
+            if ch is not None:
+                tr.mark_sent(c, delta)
+                ch["stop_reason"] = None
+                out.append(ch)
+    return out
 
 
 class SSEResponse(StreamingResponse):
