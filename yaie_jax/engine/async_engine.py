@@ -31,14 +31,13 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, AsyncIterator, Dict, List, Optional, Union
+from typing import Any, AsyncIterator, Dict, List, Optional
 
+from yaie_jax.engine.input_processor import PromptType
 from yaie_jax.outputs import CompletionOutput, RequestOutput
 from yaie_jax.sampling_params import SamplingParams
 
 logger = logging.getLogger("yaie_jax.engine.async_engine")
-
-PromptType = Union[str, List[int]]
 
 
 class EngineDeadError(RuntimeError):
