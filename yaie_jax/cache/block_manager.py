@@ -27,6 +27,11 @@ from .radix_cache import RadixCache
 from .swap import HostPool, SwapTwins
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks of `block_size` tokens that hold `num_tokens` tokens (the last one possibly partly filled)."""
+    return -(-num_tokens // block_size)
+
+
 class SeqBlocks:
     """One sequence's memory: its device block table and how many positions have slots; while swapped out,
     `blocks` is empty and `cpu_blocks` is the host block table instead."""
@@ -148,10 +153,14 @@ class BlockManager:
         s = self._seq(seq_id)
         if s.swapped:
             raise ValueError(f"sequence {seq_id!r} is swapped out")
-        bs = self.block_size
+        return self._blocks_to_append(s, num_new_tokens)
+
+    def _blocks_to_append(self, s: SeqBlocks, num_new_tokens: int) -> int:
+        """New blocks for `num_new_tokens` more positions of `s` (on the device), plus one for copy-on-write
+        when its partly filled last block is shared."""
         nt = s.num_tokens
-        need = (nt + num_new_tokens + bs - 1) // bs - len(s.blocks)
-        if num_new_tokens > 0 and nt % bs and self.pool.refcount[s.blocks[-1]] > 1:
+        need = blocks_for(nt + num_new_tokens, self.block_size) - len(s.blocks)
+        if num_new_tokens > 0 and nt % self.block_size and self.pool.refcount[s.blocks[-1]] > 1:
             need += 1
         return need
 
@@ -163,12 +172,7 @@ class BlockManager:
             raise KeyError(f"unknown sequence {seq_id!r}")
         if s.swapped:
             return False
-        bs = self.block_size
-        nt = s.num_tokens
-        need = (nt + num_new_tokens + bs - 1) // bs - len(s.blocks)
-        if num_new_tokens > 0 and nt % bs and self.pool.refcount[s.blocks[-1]] > 1:
-            need += 1
-        return need <= len(self.pool.free) + self.tree.num_unlocked
+        return self._blocks_to_append(s, num_new_tokens) <= len(self.pool.free) + self.tree.num_unlocked
 
     def append_slots(self, seq_id, num_new_tokens: int) -> Tuple[List[int], List[Tuple[int, int]]]:
         """Reserve slots for positions `num_tokens(seq) .. num_tokens(seq) + num_new_tokens - 1`.
@@ -199,7 +203,7 @@ class BlockManager:
             raise ValueError(f"num_new_tokens must be >= 0 (got {num_new_tokens})")
         end = nt + num_new_tokens
         cow = off != 0 and pool.refcount[blocks[-1]] > 1
-        new = (end + bs - 1) // bs - len(blocks)
+        new = blocks_for(end, bs) - len(blocks)
         need = new + cow
         if need > len(pool.free):
             if need > len(pool.free) + self.tree.num_unlocked:
@@ -446,7 +450,7 @@ class BlockManager:
         gpu = [0] * self.num_gpu_blocks
         cpu = [0] * self.num_cpu_blocks
         for sid, s in self.seqs.items():
-            want = (s.num_tokens + bs - 1) // bs
+            want = blocks_for(s.num_tokens, bs)
             if s.swapped:
                 assert not s.blocks, f"{sid!r}: swapped with device blocks"
                 assert len(s.cpu_blocks) == want, (sid, s.cpu_blocks, s.num_tokens)

@@ -9,18 +9,15 @@ offline `LLM`), compile_logging.py (persistent compilation cache and compile log
 from __future__ import annotations
 
 import collections
-import concurrent.futures
-import dataclasses
 import itertools
 import logging
 import time
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Union
 
 import jax
-import numpy as np
 
 from yaie_jax.executor import distributed
-from yaie_jax.engine import gc_pause
+from yaie_jax.engine import gc_pause, loading
 from yaie_jax.executor import prompt_logprobs
 from yaie_jax.executor import sampling
 from yaie_jax.cache import BlockManager
@@ -39,45 +36,12 @@ from yaie_jax.sequence import Request
 logger = logging.getLogger("yaie_jax.engine.core")
 
 
-def resolve_model_source(model: Optional[str]) -> str:
-    """`model`, or the embedded default model's path when it is empty."""
-    if model:
-        return model
-    from yaie_jax.models.default_model import default_model_path
-    return str(default_model_path())
-
-
-def _config_of(config: Optional[EngineConfig], engine_args: dict) -> EngineConfig:
-    """The engine's config: `config`, or one made of `engine_args` (ValueError naming unknown ones); not both."""
-    if config is None:
-        unknown = set(engine_args) - EngineConfig.field_names()
-        if unknown:
-            raise ValueError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
-        return EngineConfig(**engine_args)
-    if engine_args:
-        raise ValueError("pass either an EngineConfig or engine arguments, not both")
-    return config
-
-
-def _start_tokenizer(config: EngineConfig, source: str) -> concurrent.futures.Future:
-    """Load the tokenizer in a thread (None with `skip_tokenizer_init`); its imports take seconds of a server
-    start-up, which overlap the weights' reads and copies (those mostly run without the GIL)."""
-    from yaie_jax.tokenizer import load_tokenizer
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="yaie-tokenizer")
-    if config.skip_tokenizer_init:                 # token ids only: no tokenizer at all
-        future = pool.submit(lambda: None)
-    else:
-        future = pool.submit(load_tokenizer, config.tokenizer or source, hub_timeout_s=config.hub_timeout_s)
-    pool.shutdown(wait=False)
-    return future
-
-
 class LLMEngine:
     """Synchronous engine; not thread-safe (the server steps it from one thread), except `make_request`, which
     only reads engine state."""
 
     def __init__(self, config: Optional[EngineConfig] = None, **engine_args):
-        config = _config_of(config, engine_args)
+        config = loading.config_of(config, engine_args)
         setup_compile_cache(config.compile_cache_dir, config.log_compiles)
         gc_pause.install_pause_meter()        # process-wide collector-pause meter (get_stats()["gc"]); idempotent
         distributed.initialize_for(config)     # multi-host: jax.distributed before any device use
@@ -99,7 +63,7 @@ class LLMEngine:
             self._start_warmup()
         # joined last: the warm-up does not need it (joined before, its imports delayed the GPU warm start)
         self.tokenizer = tokenizer_future.result()
-        self.eos_token_ids = self._eos_ids()
+        self.eos_token_ids = loading.eos_token_ids(self.tokenizer, self.model_config)
         self.input_processor = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len,
                                               config.max_num_seqs)
         self.output_processor = OutputProcessor(self.scheduler, self.tokenizer, self.eos_token_ids,
@@ -115,11 +79,12 @@ class LLMEngine:
         max_model_len, auto_args and config; returns (the resolved config, the tokenizer's future). ValueError
         for a max_model_len over the model's positions, or a token budget under it without chunked prefill."""
         from yaie_jax.models.loader import load_model
-        source = resolve_model_source(config.model)
-        config = self._resolve_dtype(config)
+        source = loading.resolve_model_source(config.model)
+        self.requested_dtype = config.dtype
+        config = loading.resolve_dtype(config)
         self.config = config
         self.model_source = source
-        tokenizer_future = _start_tokenizer(config, source)
+        tokenizer_future = loading.start_tokenizer(config, source)
         try:
             self.model = load_model(source, dtype=config.dtype, hub_timeout_s=config.hub_timeout_s)
         except BaseException:
@@ -132,28 +97,12 @@ class LLMEngine:
             raise ValueError(f"invalid engine argument max_model_len={config.max_model_len}: "
                              f"the model supports at most {max_pos} positions")
         self.max_model_len = config.max_model_len or max_pos
-        config, self.auto_args = self._resolve_batch_defaults(config)
+        config, self.auto_args = loading.resolve_batch_defaults(config, self.model, self.max_model_len)
         self.config = config
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"invalid engine argument max_num_batched_tokens={config.max_num_batched_tokens}: "
                              f"must be >= max_model_len ({self.max_model_len}) when chunked prefill is off")
         return config, tokenizer_future
-
-    def _resolve_dtype(self, config: EngineConfig) -> EngineConfig:
-        """`config` with its dtype resolved ("auto": from the model; `requested_dtype` keeps what was asked).
-        float32 off the CPU also sets full-precision matmuls (no TF32)."""
-        from yaie_jax.models.dtype_policy import resolve_dtype
-        self.requested_dtype = config.dtype
-        dtype, why = resolve_dtype(config.dtype, config.model)
-        if dtype != config.dtype:
-            config = dataclasses.replace(config, dtype=dtype)
-        logger.info("dtype %s (%s: %s)", dtype, self.requested_dtype, why)
-        if dtype == "float32" and jax.default_backend() != "cpu":
-            # GPUs run float32 matmuls in TF32 by default (10-bit mantissa): fp32 logits then differed from HF's
-            # fp32 visibly (bench/NOTES.md §17). float32 means float32: full-precision products
-            jax.config.update("jax_default_matmul_precision", "highest")
-            logger.info("float32 on %s: jax_default_matmul_precision=highest (no TF32)", jax.default_backend())
-        return config
 
     def _init_step_state(self, config: EngineConfig) -> None:
         """The step loop's counters, timers and pipelining switches (and the name the server reports)."""
@@ -185,39 +134,6 @@ class LLMEngine:
             self.warmup()
         else:
             logger.info("CPU backend with several processes: no warm-up; programs compile on first use")
-
-    def _resolve_batch_defaults(self, config: EngineConfig):
-        """Fill the batch-shape arguments the user left unset (yaie_jax/defaults.py has the rule)."""
-        from yaie_jax import defaults
-        from yaie_jax.executor.runner import JNP_DTYPES
-        mc, tp = self.model_config, max(1, config.tensor_parallel_size)
-        itemsize = np.dtype(JNP_DTYPES[config.dtype]).itemsize
-        per_token = defaults.kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, itemsize) // tp
-        stats = None
-        if jax.default_backend() != "cpu":
-            try:
-                stats = jax.local_devices()[0].memory_stats()
-            except Exception:
-                stats = None
-        on_gpu = bool(stats and "bytes_limit" in stats)
-        weights = sum(np.asarray(a).size for a in jax.tree_util.tree_leaves(self.model.params)) * itemsize // tp
-        config, filled = defaults.resolve_batch_defaults(
-            config, on_gpu=on_gpu, max_model_len=self.max_model_len, bytes_per_token=per_token,
-            memory_limit_bytes=stats["bytes_limit"] if on_gpu else None,
-            bytes_in_use=(stats.get("bytes_in_use", 0) if on_gpu else 0) + weights)
-        if filled:
-            logger.info("engine arguments chosen for this %s and model (yaie_jax/defaults.py): %s",
-                        "GPU" if on_gpu else "CPU", ", ".join(f"{k}={v}" for k, v in filled.items()))
-        return config, filled
-
-    def _eos_ids(self) -> List[int]:
-        ids = set()
-        for v in (getattr(self.tokenizer, "eos_token_id", None), self.model_config.eos_token_id):
-            if isinstance(v, int):
-                ids.add(v)
-            elif isinstance(v, (list, tuple)):
-                ids.update(int(x) for x in v)
-        return sorted(ids)
 
     @property
     def block_manager(self) -> BlockManager:
