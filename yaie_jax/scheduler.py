@@ -7,13 +7,8 @@ from the `BlockManager`, which the scheduler builds and owns: nothing else in th
 the scheduler inserts into the prefix cache (the engine reports a computed prompt through `cache_computed`). When
 the pool runs out, the least important running sequence (by policy) is preempted: swapped to the host pool when it
 has room and `preemption_mode == "swap"`, otherwise dropped and recomputed later (its computed blocks go to the
-prefix cache first, so the recompute is mostly hits).
-
-Policies order both admission and preemption (most important first / least important preempted first):
-  fcfs      arrival order
-  priority  lower `priority` value first, then arrival
-  latency   shortest remaining work (uncomputed prompt + tokens still to generate) first
-  fair      round-robin across clients: the client with the fewest tokens served so far goes first
+prefix cache first, so the recompute is mostly hits). The policy (scheduling_policy.py) orders both admission
+and preemption.
 """
 from __future__ import annotations
 
@@ -23,6 +18,7 @@ from typing import Dict, List, Optional
 
 from .cache import BlockManager
 from .config import EngineConfig
+from .scheduling_policy import SchedulingPolicy
 from .sequence import Request, Sequence, SeqStatus
 from .step_types import ScheduledSeq, SchedulerOutput
 
@@ -57,9 +53,7 @@ class Scheduler:
         self.running: List[Sequence] = []
         self.swapped: List[Sequence] = []
         self.num_preemptions = 0
-        self.client_served_tokens: Dict[str, int] = collections.defaultdict(int)
-        self._arrival_counter = 0
-        self._arrival_order: Dict[str, int] = {}
+        self.policy = SchedulingPolicy(config.scheduling_policy)
         # Adaptive decode batch (target_itl_ms): a cap on running sequences, adjusted from measured step times.
         self.decode_cap = config.max_num_seqs
         self._step_time_ema_ms: Optional[float] = None
@@ -71,8 +65,7 @@ class Scheduler:
         self.requests[request.request_id] = request
         if request.timeout_s is not None or request.queue_timeout_s is not None:
             self._with_timeout[request.request_id] = request
-        self._arrival_order[request.request_id] = self._arrival_counter
-        self._arrival_counter += 1
+        self.policy.arrived(request.request_id)
         self.waiting.extend(request.seqs)
 
     def abort_request(self, request_id: str) -> Optional[Request]:
@@ -115,7 +108,7 @@ class Scheduler:
         still in a call in flight keeps its own fields)."""
         self.requests.pop(req.request_id, None)
         self._with_timeout.pop(req.request_id, None)
-        self._arrival_order.pop(req.request_id, None)
+        self.policy.forget(req.request_id)
         req.seqs = []
 
     def has_unfinished(self) -> bool:
@@ -133,19 +126,7 @@ class Scheduler:
         self.cache_computed(seq)
         self.block_manager.free_sequence(seq.seq_id)
 
-    # ------------------------------------------------------------------ policy
-    def _key(self, seq: Sequence):
-        req = seq.request
-        order = self._arrival_order.get(req.request_id, 0)
-        policy = self.config.scheduling_policy
-        if policy == "priority":
-            return (req.priority, req.arrival_time, order, seq.index)
-        if policy == "latency":
-            return (req.remaining_work_tokens(), req.arrival_time, order, seq.index)
-        if policy == "fair":
-            return (self.client_served_tokens[req.client_id], req.arrival_time, order, seq.index)
-        return (req.arrival_time, order, seq.index)
-
+    # ------------------------------------------------------------------ adaptive decode batch
     def record_step_time(self, step_ms: float, num_decode_seqs: int) -> None:
         """Adaptive decode batch: shrink the running cap when steps exceed target_itl_ms, grow it back slowly."""
         target = self.config.target_itl_ms
@@ -229,7 +210,7 @@ class Scheduler:
         sample = seq.num_computed_tokens + n == len(seq.token_ids)
         out.scheduled.append(ScheduledSeq(seq, n, slots, sample, self.block_manager.get_block_table(seq.seq_id)))
         step.budget -= n
-        self.client_served_tokens[seq.request.client_id] += n
+        self.policy.served(seq.request.client_id, n)
         if seq.request.first_scheduled_time is None:
             seq.request.first_scheduled_time = step.now
         if sample and not seq.request.forked:
@@ -239,7 +220,7 @@ class Scheduler:
         """Running sequences, most important first; when memory is short, preempt from the least important end
         (never a pinned one; the sequence itself when no other is left)."""
         chunked = self.config.enable_chunked_prefill
-        queue = collections.deque(sorted(self.running, key=self._key))
+        queue = collections.deque(sorted(self.running, key=self.policy.key))
         while queue:
             seq = queue.popleft()
             n = seq.num_uncomputed_tokens
@@ -264,7 +245,7 @@ class Scheduler:
     def _swap_in(self, step: _Step) -> None:
         """Swapped-out sequences come back, most important first, while budget, max_num_seqs and the pool allow."""
         bm = self.block_manager
-        for seq in sorted(self.swapped, key=self._key):
+        for seq in sorted(self.swapped, key=self.policy.key):
             if step.budget < 1 or len(self.running) >= self.config.max_num_seqs:
                 break
             if not bm.can_swap_in(seq.seq_id):
@@ -289,7 +270,7 @@ class Scheduler:
         computing = {self._first_block(s) for s in self.running
                      if s.num_computed_tokens < min(bs, s.num_prompt_tokens)} \
             if self.config.enable_prefix_caching else None
-        for seq in sorted(self.waiting, key=self._key):
+        for seq in sorted(self.waiting, key=self.policy.key):
             need_seqs = 1 if seq.request.forked else seq.request.params.n
             if step.budget <= 0 or len(self.running) + need_seqs > cap:
                 break
@@ -358,11 +339,11 @@ class Scheduler:
         need = sum(self.block_manager.num_blocks_needed(seq.seq_id, k) for seq in rows)
         if need > self.block_manager.num_available_gpu_blocks:
             return None
-        for seq in sorted(rows, key=self._key):
+        for seq in sorted(rows, key=self.policy.key):
             slots, copies = self.block_manager.append_slots(seq.seq_id, k)
             out.block_copies.extend(copies)
             out.scheduled.append(ScheduledSeq(seq, 1, slots, True, self.block_manager.get_block_table(seq.seq_id)))
-            self.client_served_tokens[seq.request.client_id] += k
+            self.policy.served(seq.request.client_id, k)
         out.num_steps = k
         out.num_batched_tokens = len(out.scheduled) * k
         return out

@@ -32,8 +32,7 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
-        self._step_view = step_view
-        self.host_time_s = host_time_s
+        self._step_view, self.host_time_s = step_view, host_time_s
 
     # ------------------------------------------------------------------ tokens in
     def process(self, out: SchedulerOutput, result, finished_now: Dict[str, Request],
