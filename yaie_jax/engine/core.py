@@ -189,10 +189,6 @@ class LLMEngine:
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         self.host_time_s["schedule"] += time.perf_counter() - t0
-        if out.scheduled and ((out.num_steps > 1 and self._async_scheduling) or self._pipelines_after(out)):
-            self._inflight = self._dispatch(out)
-            return self._step_pipelined(timed_out=out.timed_out)
-        finished_now: Dict[str, Request] = {r.request_id: r for r in out.timed_out}
         if out.scheduled and self._pipelines_after(out):
             self._inflight = self._dispatch(out)
             return self._step_pipelined(timed_out=out.timed_out)
