@@ -57,8 +57,8 @@ class HostTrace:
         self._wrap(self.engine.scheduler, "schedule", "scheduler.schedule")
         self._wrap(self.engine.scheduler, "schedule_continuation", "scheduler.schedule_continuation")
         self._wrap(self.engine.scheduler, "commit_step", "scheduler.commit_step")
-        self._wrap(self.engine, "_process", "engine.process")
-        self._wrap(self.engine, "_outputs", "engine.outputs")
+        self._wrap(self.engine.output_processor, "process", "engine.process")
+        self._wrap(self.engine.output_processor, "outputs", "engine.outputs")
         from yaie_jax.executor import sampling
         self._wrap(sampling, "build_sampling_batch", "sampling.build_sampling_batch")
         self._wrap(self.engine, "_fetch", "engine.fetch (device read)")

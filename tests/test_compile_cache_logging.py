@@ -9,7 +9,7 @@ SCRIPT = """
 import logging, sys
 import numpy as np
 logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(name)s: %(message)s")
-from yaie_jax.engine.core import setup_compile_cache
+from yaie_jax.engine.compile_logging import setup_compile_cache
 setup_compile_cache(sys.argv[1], *[int(a) for a in sys.argv[2:]])   # (log_compiles given, or its default)
 import jax
 print("RESULT", jax.jit(lambda x: x * 3 + 1)(np.arange(4.0)).tolist())

@@ -1,6 +1,5 @@
 """Engine features beyond plain greedy: sampling, stops, n > 1, logprobs, deadlines, abort, policies."""
 import time
-import types
 
 import numpy as np
 import pytest
@@ -8,6 +7,7 @@ import pytest
 import support
 from yaie_jax import LLM, SamplingParams
 from yaie_jax.engine.core import LLMEngine
+from yaie_jax.engine.input_processor import checked_token_ids
 
 BASE = dict(dtype="float32", attention_backend="xla", warmup=False, compile_cache_dir=None)
 
@@ -377,7 +377,7 @@ def test_target_itl_shrinks_decode_batch(gpt2_dir):
     ([np.int64(7), 2], [7, 2]), ([True, 2], [1, 2]), (np.array([9], np.uint8), [9]),
 ])
 def test_checked_token_ids_accepts_integers(ids, want):
-    out = LLMEngine._checked_token_ids(types.SimpleNamespace(vocab_size=10), ids)
+    out = checked_token_ids(ids, vocab_size=10)
     assert out == want and all(type(t) is int for t in out)
 
 
@@ -388,13 +388,13 @@ def test_checked_token_ids_accepts_integers(ids, want):
 ])
 def test_checked_token_ids_rejects_bad_input(ids, match):
     with pytest.raises(ValueError, match=match):
-        LLMEngine._checked_token_ids(types.SimpleNamespace(vocab_size=10), ids)
+        checked_token_ids(ids, vocab_size=10)
 
 
 def test_generate_adds_requests_while_the_device_runs(gpt2_dir, monkeypatch):
     """`generate` adds a first chunk (two steps of prompt tokens), then the rest while calls run
     (`on_device_wait`): the same greedy outputs as adding everything first, in input order."""
-    from yaie_jax.engine import core as engine_mod
+    from yaie_jax.engine import llm as engine_mod
     rng = np.random.default_rng()
     prompts = [rand_prompt(rng) for _ in range(24)]
     sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
@@ -428,7 +428,7 @@ def test_generate_with_a_bad_prompt_late_aborts_what_it_added(gpt2_dir, monkeypa
     """A prompt that fails validation after earlier ones started (added while a call ran, or in a later chunk):
     ValueError from `generate`, every request it added is aborted and its memory freed, and the engine serves
     the next call."""
-    from yaie_jax.engine import core as engine_mod
+    from yaie_jax.engine import llm as engine_mod
     if busy:                                          # the device "runs" for many adds each time
         real = engine_mod._RequestFeeder.add_while
         monkeypatch.setattr(engine_mod._RequestFeeder, "add_while", lambda self, done: real(self, lambda: False))

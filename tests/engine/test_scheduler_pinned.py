@@ -3,7 +3,6 @@ device ("pinned") is neither scheduled nor preempted; the next least important s
 import pytest
 
 from yaie_jax import SamplingParams
-from yaie_jax.cache import BlockManager
 from yaie_jax.config import EngineConfig
 from yaie_jax.scheduler import Scheduler
 from yaie_jax.sequence import Request, SeqStatus
@@ -12,10 +11,8 @@ from yaie_jax.sequence import Request, SeqStatus
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_pinned_sequence_is_not_the_preemption_victim(mode):
     config = EngineConfig(block_size=8, max_num_batched_tokens=64, max_num_seqs=8, num_decode_steps=1, preemption_mode=mode,
-                          enable_prefix_caching=False)
-    bm = BlockManager(num_gpu_blocks=6, block_size=8, num_cpu_blocks=16 if mode == "swap" else 0,
-                      enable_prefix_caching=False)
-    sched = Scheduler(config, bm, max_model_len=64)
+                          enable_prefix_caching=False, num_cpu_blocks=16 if mode == "swap" else 0)
+    sched = Scheduler(config, max_model_len=64, num_gpu_blocks=6)     # its BlockManager: 6 device blocks of 8
     reqs = [Request(f"r{i}", None, list(range(1 + 20 * i, 17 + 20 * i)), SamplingParams(max_tokens=4),
                     arrival_time=float(i), max_tokens=4) for i in range(3)]
     for r in reqs:
@@ -32,7 +29,7 @@ def test_pinned_sequence_is_not_the_preemption_victim(mode):
     assert b.status is (SeqStatus.SWAPPED if mode == "swap" else SeqStatus.WAITING)
     assert [s.seq for s in out.scheduled] == [a] and sched.num_preemptions == 1
     # without pinning, the least important (r2) would have gone
-    unpinned = Scheduler(config, BlockManager(6, 8, 16 if mode == "swap" else 0, False), max_model_len=64)
+    unpinned = Scheduler(config, max_model_len=64, num_gpu_blocks=6)
     reqs2 = [Request(f"s{i}", None, list(range(1 + 20 * i, 17 + 20 * i)), SamplingParams(max_tokens=4),
                      arrival_time=float(i), max_tokens=4) for i in range(3)]
     for r in reqs2:

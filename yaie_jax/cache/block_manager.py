@@ -24,7 +24,12 @@ from typing import Dict, Hashable, List, Sequence, Tuple
 
 from .block_pool import BlockPool, OutOfBlocksError
 from .radix_cache import RadixCache
-from .swap import HostPool, SwapTwins
+from .swap import SwapSpace
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks of `block_size` tokens that hold `num_tokens` tokens (the last one possibly partly filled)."""
+    return -(-num_tokens // block_size)
 
 
 class SeqBlocks:
@@ -62,14 +67,12 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_gpu_blocks)
         self.tree = RadixCache(self.pool, block_size)
-        self.host = HostPool(num_cpu_blocks)
-        self.twins = SwapTwins(self.pool, self.host)
+        self.swap = SwapSpace(self.pool, self.tree, num_cpu_blocks, self._take)
+        self.host = self.swap.host
         self.seqs: Dict[Hashable, SeqBlocks] = {}
         self.queried_tokens = 0
         self.hit_tokens = 0
         self.num_cow_copies = 0
-        self.num_swapped_out_blocks = 0      # device -> host copies issued
-        self.num_swapped_in_blocks = 0       # host -> device copies issued
 
     # ------------------------------------------------------------------ capacity
     @property
@@ -107,8 +110,8 @@ class BlockManager:
     # ------------------------------------------------------------------ admission
     def add_sequence(self, seq_id, token_ids: Sequence[int], match: bool = True) -> int:
         """Register `seq_id` and reuse the longest cached block-aligned prefix of `token_ids[:-1]` (the last
-        token is always left to compute, for its logits); `match=False` reuses nothing. Takes a reference on each reused block (locking it
-        against eviction); allocates nothing. Counts `len(token_ids)` queried and the reused tokens hit.
+        token is always left to compute, for its logits); `match=False` reuses nothing. Takes a reference on each
+        reused block (locking it against eviction); allocates nothing. Counts `len(token_ids)` queried and the reused tokens hit.
         Returns num_cached_tokens, a multiple of block_size; `num_tokens(seq_id)` starts there.
         Never fails for lack of space; ValueError if `seq_id` exists."""
         if seq_id in self.seqs:
@@ -148,10 +151,14 @@ class BlockManager:
         s = self._seq(seq_id)
         if s.swapped:
             raise ValueError(f"sequence {seq_id!r} is swapped out")
-        bs = self.block_size
+        return self._blocks_to_append(s, num_new_tokens)
+
+    def _blocks_to_append(self, s: SeqBlocks, num_new_tokens: int) -> int:
+        """New blocks for `num_new_tokens` more positions of `s` (on the device), plus one for copy-on-write
+        when its partly filled last block is shared."""
         nt = s.num_tokens
-        need = (nt + num_new_tokens + bs - 1) // bs - len(s.blocks)
-        if num_new_tokens > 0 and nt % bs and self.pool.refcount[s.blocks[-1]] > 1:
+        need = blocks_for(nt + num_new_tokens, self.block_size) - len(s.blocks)
+        if num_new_tokens > 0 and nt % self.block_size and self.pool.refcount[s.blocks[-1]] > 1:
             need += 1
         return need
 
@@ -163,12 +170,7 @@ class BlockManager:
             raise KeyError(f"unknown sequence {seq_id!r}")
         if s.swapped:
             return False
-        bs = self.block_size
-        nt = s.num_tokens
-        need = (nt + num_new_tokens + bs - 1) // bs - len(s.blocks)
-        if num_new_tokens > 0 and nt % bs and self.pool.refcount[s.blocks[-1]] > 1:
-            need += 1
-        return need <= len(self.pool.free) + self.tree.num_unlocked
+        return self._blocks_to_append(s, num_new_tokens) <= len(self.pool.free) + self.tree.num_unlocked
 
     def append_slots(self, seq_id, num_new_tokens: int) -> Tuple[List[int], List[Tuple[int, int]]]:
         """Reserve slots for positions `num_tokens(seq) .. num_tokens(seq) + num_new_tokens - 1`.
@@ -199,7 +201,7 @@ class BlockManager:
             raise ValueError(f"num_new_tokens must be >= 0 (got {num_new_tokens})")
         end = nt + num_new_tokens
         cow = off != 0 and pool.refcount[blocks[-1]] > 1
-        new = (end + bs - 1) // bs - len(blocks)
+        new = blocks_for(end, bs) - len(blocks)
         need = new + cow
         if need > len(pool.free):
             if need > len(pool.free) + self.tree.num_unlocked:
@@ -308,19 +310,21 @@ class BlockManager:
             self.host.decref(c)
         del self.seqs[seq_id]
 
-    # ------------------------------------------------------------------ swap
-    def num_cpu_blocks_needed(self, seq_id) -> int:
-        """Host blocks `swap_out(seq_id)` would take: its device blocks with no identical host copy already
-        (blocks it shares with an already swapped-out sibling reuse that sibling's copy)."""
+    # ------------------------------------------------------------------ swap (the block moves: swap.SwapSpace)
+    def _on_device(self, seq_id) -> SeqBlocks:
         s = self._seq(seq_id)
         if s.swapped:
             raise ValueError(f"sequence {seq_id!r} is swapped out already")
-        host_twin = self.twins.host_twin
-        return sum(1 for b in s.blocks if host_twin(b) is None)
+        return s
+
+    def num_cpu_blocks_needed(self, seq_id) -> int:
+        """Host blocks `swap_out(seq_id)` would take: its device blocks with no identical host copy already
+        (blocks it shares with an already swapped-out sibling reuse that sibling's copy)."""
+        return self.swap.host_blocks_needed(self._on_device(seq_id).blocks)
 
     def can_swap_out(self, seq_id) -> bool:
         s = self._seq(seq_id)
-        return not s.swapped and self.num_cpu_blocks_needed(seq_id) <= len(self.host.free)
+        return not s.swapped and self.swap.host_blocks_needed(s.blocks) <= len(self.host.free)
 
     def swap_out(self, seq_id) -> List[Tuple[int, int]]:
         """Move the sequence to host blocks and drop its device references (the sequence keeps num_tokens).
@@ -332,56 +336,11 @@ class BlockManager:
         `swap_in` brings shared host blocks back onto one device block. Swapping a group one by one therefore
         costs the same host blocks as a group swap. OutOfBlocksError (nothing changed) when `can_swap_out` is
         False; ValueError if already swapped."""
-        s = self._seq(seq_id)
-        if s.swapped:
-            raise ValueError(f"sequence {seq_id!r} is swapped out already")
-        host_twin = self.twins.host_twin
-        twins = [host_twin(b) for b in s.blocks]
-        need = sum(1 for c in twins if c is None)
-        if need > len(self.host.free):
-            raise OutOfBlocksError(f"cannot swap out {seq_id!r}: need {need} host blocks, "
-                                   f"{len(self.host.free)} free")
-        pairs: List[Tuple[int, int]] = []
-        cpu: List[int] = []
-        for b, c in zip(s.blocks, twins):
-            if c is None:
-                c = self.host.allocate()
-                self.twins.link(b, c)
-                pairs.append((b, c))
-            else:
-                self.host.incref(c)
-            cpu.append(c)
-        release = self.tree.release
-        for b in reversed(s.blocks):
-            release(b)
-        s.blocks = []
-        s.tree_blocks = 0
-        s.cpu_blocks = cpu
-        s.swapped = True
-        self.num_swapped_out_blocks += len(pairs)
-        return pairs
-
-    def _swap_in_plan(self, s: SeqBlocks) -> Tuple[List, int]:
-        """(device twin or None per host block, blocks the swap-in takes from the available count)."""
-        gpu_twin = self.twins.gpu_twin
-        twins = [gpu_twin(c) for c in s.cpu_blocks]
-        need = sum(1 for g in twins if g is None)
-        # Holding a twin that is an unreferenced cached block locks it (and its unlocked ancestors), which takes
-        # those out of the evictable count just like an allocation would.
-        locked = set()
-        nodes = self.tree.nodes
-        for g in twins:
-            node = nodes.get(g) if g is not None else None
-            while node is not None and node is not self.tree.root and node.lock_ref == 0 and id(node) not in locked:
-                locked.add(id(node))
-                node = node.parent
-        return twins, need + len(locked)
+        return self.swap.swap_out(self._on_device(seq_id), seq_id)
 
     def can_swap_in(self, seq_id) -> bool:
         s = self._seq(seq_id)
-        if not s.swapped:
-            return False
-        return self._swap_in_plan(s)[1] <= len(self.pool.free) + self.tree.num_unlocked
+        return s.swapped and self.swap.swap_in_plan(s)[1] <= len(self.pool.free) + self.tree.num_unlocked
 
     def swap_in(self, seq_id) -> List[Tuple[int, int]]:
         """Bring a swapped-out sequence back to device blocks and drop its host references. Returns
@@ -391,30 +350,7 @@ class BlockManager:
         s = self._seq(seq_id)
         if not s.swapped:
             raise ValueError(f"sequence {seq_id!r} is not swapped out")
-        twins, need = self._swap_in_plan(s)
-        if need > len(self.pool.free) + self.tree.num_unlocked:
-            raise OutOfBlocksError(f"cannot swap in {seq_id!r}: need {need} blocks, {len(self.pool.free)} free "
-                                   f"+ {self.tree.num_unlocked} evictable")
-        acquire = self.tree.acquire
-        for g in twins:                     # lock the reused blocks first, so eviction cannot take them
-            if g is not None:
-                acquire(g)
-        self._take(sum(1 for g in twins if g is None))
-        pairs: List[Tuple[int, int]] = []
-        blocks: List[int] = []
-        for c, g in zip(s.cpu_blocks, twins):
-            if g is None:
-                g = self.pool.allocate()
-                self.twins.link(g, c)
-                pairs.append((c, g))
-            blocks.append(g)
-        for c in s.cpu_blocks:
-            self.host.decref(c)
-        s.blocks = blocks
-        s.cpu_blocks = []
-        s.swapped = False
-        self.num_swapped_in_blocks += len(pairs)
-        return pairs
+        return self.swap.swap_in(s, seq_id)
 
     # ------------------------------------------------------------------ stats / checks
     def get_stats(self) -> dict:
@@ -434,8 +370,8 @@ class BlockManager:
             "cpu_blocks_free": len(self.host.free),
             "num_evictions": self.tree.num_evictions,
             "num_cow_copies": self.num_cow_copies,
-            "num_swapped_out_blocks": self.num_swapped_out_blocks,
-            "num_swapped_in_blocks": self.num_swapped_in_blocks,
+            "num_swapped_out_blocks": self.swap.num_swapped_out_blocks,
+            "num_swapped_in_blocks": self.swap.num_swapped_in_blocks,
             "num_sequences": len(self.seqs),
         }
 
@@ -446,7 +382,7 @@ class BlockManager:
         gpu = [0] * self.num_gpu_blocks
         cpu = [0] * self.num_cpu_blocks
         for sid, s in self.seqs.items():
-            want = (s.num_tokens + bs - 1) // bs
+            want = blocks_for(s.num_tokens, bs)
             if s.swapped:
                 assert not s.blocks, f"{sid!r}: swapped with device blocks"
                 assert len(s.cpu_blocks) == want, (sid, s.cpu_blocks, s.num_tokens)

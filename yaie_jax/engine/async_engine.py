@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import copy
 import dataclasses
 import inspect
 import itertools
@@ -35,32 +34,15 @@ import queue
 import threading
 import time
 from functools import partial
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Union
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 
-from yaie_jax.outputs import CompletionOutput, RequestOutput
+from yaie_jax.engine.input_processor import PromptType
+from yaie_jax.engine.request_stream import (EngineDeadError, EngineUnavailableError, RequestStream, StreamEnd, deliver,
+                                           resolve_future)
+from yaie_jax.outputs import RequestOutput
 from yaie_jax.sampling_params import SamplingParams
 
 logger = logging.getLogger("yaie_jax.engine.async_engine")
-
-PromptType = Union[str, List[int]]
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop died (an exception in `step()`); the engine must be restarted."""
-
-
-class EngineUnavailableError(RuntimeError):
-    """The engine does not accept requests right now (draining, stopped, or its waiting queue is full)."""
-
-    def __init__(self, message: str, *, reason: str = "unavailable"):
-        super().__init__(message)
-        self.reason = reason          # "draining" | "stopped" | "queue_full" | "dead"
-
-
-class _Sentinel:
-    def __init__(self, kind: str, error: Optional[BaseException] = None):
-        self.kind = kind              # "aborted" | "dead" | "error" (admission failed in the engine thread)
-        self.error = error
 
 
 @dataclasses.dataclass
@@ -73,65 +55,6 @@ class _AddCommand:
     loop: asyncio.AbstractEventLoop
     accepted: Optional["asyncio.Future"]       # None when the request was prepared by `make_request`
     prepared: Any = None                        # the engine's prepared request (split admission)
-
-
-class RequestStream:
-    """Async iterator over one request's cumulative `RequestOutput`s; ends after the finished one.
-
-    `abort()` is idempotent and safe to call from the event loop at any time (also after the end). If the
-    engine aborts the request from its side (shutdown), the stream ends with a synthetic finished output whose
-    unfinished completions have finish_reason "abort".
-    """
-
-    def __init__(self, engine: "AsyncEngine", request_id: str, n: int):
-        self._engine = engine
-        self.request_id = request_id
-        self.n = n
-        self.queue: "asyncio.Queue[Any]" = asyncio.Queue()
-        self.finished = False
-        self.aborted = False
-        self.last: Optional[RequestOutput] = None
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        item = await self.queue.get()
-        # coalesce: outputs are cumulative, so the newest one holds everything the older ones did
-        while not self.queue.empty() and isinstance(item, RequestOutput) and not item.finished:
-            item = self.queue.get_nowait()
-        if isinstance(item, _Sentinel):
-            self.finished = True
-            if item.kind == "dead":
-                raise EngineDeadError(f"the engine loop died: {item.error!r}") from item.error
-            if item.kind == "error":
-                raise item.error
-            return self._synthetic_abort()
-        self.last = item
-        if item.finished:
-            self.finished = True
-        return item
-
-    def _synthetic_abort(self) -> RequestOutput:
-        self.aborted = True
-        if self.last is not None:
-            out = copy.copy(self.last)
-            out.outputs = [dataclasses.replace(o, finish_reason=o.finish_reason or "abort") for o in out.outputs]
-        else:
-            out = RequestOutput(request_id=self.request_id, prompt=None, prompt_token_ids=[],
-                                outputs=[CompletionOutput(index=i, finish_reason="abort") for i in range(self.n)])
-        out.finished = True
-        return out
-
-    def abort(self) -> None:
-        """Abort the request in the engine unless it already finished. Never raises."""
-        if self.finished:
-            return
-        self.finished = True
-        self.aborted = True
-        self._engine._abort(self.request_id)
 
 
 class AsyncEngine:
@@ -402,7 +325,7 @@ class AsyncEngine:
             self._dead_error = e
             with self._lock:
                 self._closed = True
-            self._fail_all(_Sentinel("dead", e))
+            self._fail_all(StreamEnd("dead", e))
             return
         # stopped: abort whatever is left, end its streams with finish_reason "abort"
         self._drain_inbox(block=False)
@@ -413,7 +336,7 @@ class AsyncEngine:
                 logger.exception("abort_request(%s) failed during shutdown", rid)
         with self._lock:
             self._closed = True
-        self._fail_all(_Sentinel("aborted"))
+        self._fail_all(StreamEnd("aborted"))
         self._refresh_stats(force=True)
 
     def _observe_step(self, seconds: float) -> None:
@@ -440,7 +363,7 @@ class AsyncEngine:
                 with self._lock:
                     self._pending_adds -= 1
                 if cmd.accepted is not None:
-                    _resolve(cmd.loop, cmd.accepted, None)
+                    resolve_future(cmd.loop, cmd.accepted, None)
                 return
             try:
                 if cmd.prepared is not None:
@@ -451,9 +374,9 @@ class AsyncEngine:
                 with self._lock:
                     self._pending_adds -= 1
                 if cmd.accepted is not None:
-                    _resolve(cmd.loop, cmd.accepted, e)
+                    resolve_future(cmd.loop, cmd.accepted, e)
                 else:
-                    _deliver(cmd.loop, [(cmd.stream.queue, _Sentinel("error", e))])
+                    deliver(cmd.loop, [(cmd.stream.queue, StreamEnd("error", e))])
                 return
             with self._lock:               # from "not handed over" to "in the engine, maybe not in the snapshot"
                 self._pending_adds -= 1
@@ -461,7 +384,7 @@ class AsyncEngine:
             self._streams[cmd.request_id] = cmd.stream
             self._stream_loops[cmd.request_id] = cmd.loop
             if cmd.accepted is not None:
-                _resolve(cmd.loop, cmd.accepted, None)
+                resolve_future(cmd.loop, cmd.accepted, None)
         elif cmd[0] == "abort":
             rid = cmd[1]
             if rid in self._streams:
@@ -477,7 +400,7 @@ class AsyncEngine:
             self._streams.clear()
             self._stream_loops.clear()
             for loop, q in items:
-                _deliver(loop, [(q, _Sentinel("error", cmd[1]))])
+                deliver(loop, [(q, StreamEnd("error", cmd[1]))])
             self._refresh_stats(force=True)
         elif cmd[0] == "stop":
             self._stop.set()
@@ -494,9 +417,9 @@ class AsyncEngine:
                 self._stream_loops.pop(out.request_id, None)
             by_loop.setdefault(loop, []).append((rs.queue, out))
         for loop, items in by_loop.items():
-            _deliver(loop, items)
+            deliver(loop, items)
 
-    def _fail_all(self, sentinel: _Sentinel) -> None:
+    def _fail_all(self, sentinel: StreamEnd) -> None:
         by_loop: Dict[asyncio.AbstractEventLoop, List[tuple]] = {}
         for rid, rs in list(self._streams.items()):
             by_loop.setdefault(self._stream_loops[rid], []).append((rs.queue, sentinel))
@@ -514,39 +437,11 @@ class AsyncEngine:
                 if cmd.accepted is not None:
                     err = EngineDeadError(f"the engine loop died: {sentinel.error!r}") if sentinel.kind == "dead" \
                         else EngineUnavailableError("the engine is stopped", reason="stopped")
-                    _resolve(cmd.loop, cmd.accepted, err)
+                    resolve_future(cmd.loop, cmd.accepted, err)
                 else:
-                    _deliver(cmd.loop, [(cmd.stream.queue, sentinel)])
+                    deliver(cmd.loop, [(cmd.stream.queue, sentinel)])
         for loop, items in by_loop.items():
-            _deliver(loop, items)
-
-
-def _put_all(items) -> None:
-    for q, item in items:
-        q.put_nowait(item)
-
-
-def _deliver(loop: asyncio.AbstractEventLoop, items: List[tuple]) -> None:
-    try:
-        loop.call_soon_threadsafe(_put_all, items)
-    except RuntimeError:     # that event loop is closed: nobody is listening any more
-        pass
-
-
-def _set_future(fut: "asyncio.Future", error: Optional[BaseException]) -> None:
-    if fut.done():
-        return
-    if error is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(error)
-
-
-def _resolve(loop: asyncio.AbstractEventLoop, fut: "asyncio.Future", error: Optional[BaseException]) -> None:
-    try:
-        loop.call_soon_threadsafe(_set_future, fut, error)
-    except RuntimeError:
-        pass
+            deliver(loop, items)
 
 
 __all__ = ["AsyncEngine", "RequestStream", "EngineDeadError", "EngineUnavailableError"]

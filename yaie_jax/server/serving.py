@@ -16,12 +16,13 @@ import dataclasses
 import time
 import uuid
 from functools import partial
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from yaie_jax.engine.async_engine import AsyncEngine, EngineDeadError, EngineUnavailableError, RequestStream
+from yaie_jax.engine.input_processor import PromptType as Prompt
 from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
 from .settings import ServerSettings
@@ -32,8 +33,6 @@ from .readiness import ProgressMonitor
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_request
 from .streaming import ChoiceFn, ClientDisconnected, SSEResponse, merged, run_unless_disconnected, sse_chunks
 from .tracking import Call, OutputTracker, RequestRecorder, usage_of
-
-Prompt = Union[str, List[int]]
 
 
 @dataclasses.dataclass(frozen=True)
