@@ -10,7 +10,7 @@ work, as aliases (`ENV_ALIASES`), and are read here only, by `env_default`:
   * the server's settings layering (server/settings.py) reads the same aliases from the environment it is given,
     in its environment layer (a `YAIE_<FIELD>` variable wins over an alias of the same field);
   * library functions that take one of these knobs without an `EngineConfig` (`parallel.make_tp_placement`,
-    `models.loader.load_model`, `engine.setup_compile_cache`) default to `env_default` of it as well.
+    `models.loader.load_model`, `engine.compile_logging.setup_compile_cache`) default to `env_default` of it as well.
 The engine passes its config's values down explicitly; no other module reads these variables.
 """
 from __future__ import annotations
