@@ -358,8 +358,7 @@ class Scheduler:
         left = seq.request.max_tokens - (seq.num_output_tokens + pending)
         return not (n_tokens - seq.num_computed_tokens != 1 or not seq.request.forked or left < 1
                     or n_tokens + k > self.max_model_len
-                    or seq.num_output_tokens + pending < p.min_tokens
-                    or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0)
+                    or seq.num_output_tokens + pending < p.min_tokens or p.uses_penalties)
 
     def schedule_continuation(self, pending: int) -> SchedulerOutput:
         """The next fused decode call, scheduled while the previous one (`pending` tokens per sequence, already

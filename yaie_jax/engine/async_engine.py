@@ -21,6 +21,9 @@ Threading contract (DESIGN.md, Server):
 
 Outputs are cumulative (vLLM semantics): a stream may coalesce several engine outputs into the latest one when
 its consumer is slower than the engine, which loses nothing.
+
+Why this file is over 400 lines: it is one class, and every method is one side of the threading contract above
+(the event loop's or the engine thread's); the per-request side lives in request_stream.py.
 """
 from __future__ import annotations
 

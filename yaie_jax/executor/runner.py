@@ -18,7 +18,6 @@ last tokens, the prompt logprobs) is its own record, returned by `dispatch` as a
 """
 from __future__ import annotations
 
-import math
 import time
 import weakref
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence as Seq, Tuple
@@ -27,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from yaie_jax.cache.block_manager import blocks_for
 from yaie_jax.config import EngineConfig
 from yaie_jax.executor import cascade, deterministic, prompt_logprobs, sampling
 from yaie_jax.executor.attention import kv_storage_dtype
@@ -67,7 +67,7 @@ class ModelRunner:
         self.dtype = JNP_DTYPES[config.dtype]
         self.block_size = config.block_size
         self.max_model_len = max_model_len
-        self.max_blocks_per_seq = math.ceil(max_model_len / self.block_size)
+        self.max_blocks_per_seq = blocks_for(max_model_len, self.block_size)
         self.mesh = mesh
         self.eos_token_ids = eos_token_ids
         self.attention_backend = resolve_attention_backend(config.attention_backend)

@@ -140,10 +140,6 @@ def _uses_filters(p: SamplingParams) -> bool:
     return p.temperature > 0 and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0)
 
 
-def _uses_penalties(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-
-
 def _column(values, S: int, fill, dtype) -> np.ndarray:
     out = np.full(S, fill, dtype)
     out[:len(values)] = values
@@ -214,7 +210,7 @@ def make_sampling_batch(params_list: Sequence[SamplingParams], *, pad_to: int,
     ps = params_list
     sampled = [p.temperature > 0 for p in ps]
     filt = [_uses_filters(p) for p in ps]
-    pen = [_uses_penalties(p) for p in ps]
+    pen = [p.uses_penalties for p in ps]
     any_filters, any_pen = any(filt), any(pen)
     if any_pen and num_steps > 1:
         raise ValueError("penalties cannot be applied in fused multi-step decoding (num_steps > 1)")
@@ -259,7 +255,7 @@ def build_sampling_batch(rows, *, pad_to: int, eos_token_ids: Sequence[int], eng
     num_steps: see `make_sampling_batch`. vocab_size is accepted for the caller's convenience and not needed."""
     seqs = [s for s, _ in rows]
     params = [p for _, p in rows]
-    need_tokens = any(_uses_penalties(p) for p in params)
+    need_tokens = any(p.uses_penalties for p in params)
     return make_sampling_batch(
         params, pad_to=pad_to,
         seeds=[row_seed(p, engine_seed, s.request.request_id) for s, p in rows],
