@@ -30,7 +30,7 @@ be excluded by rules, (3) it is not on the GPU image and would be one more wheel
 jnp that it would replace. tests/models/test_quantization.py checks these functions against plain fp32 math.
 """
 from .matmul import QUANT_LEAVES, is_quantized, quantized_matmul
-from .weights import MODES, describe, quantize_kernel, quantize_params
+from .weights import MODES, describe, mode_name, quantize_kernel, quantize_params
 
-__all__ = ["MODES", "QUANT_LEAVES", "describe", "is_quantized", "quantize_kernel", "quantize_params",
+__all__ = ["MODES", "QUANT_LEAVES", "describe", "is_quantized", "mode_name", "quantize_kernel", "quantize_params",
            "quantized_matmul"]

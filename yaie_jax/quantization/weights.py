@@ -95,3 +95,12 @@ def describe(params) -> Dict[str, object]:
         elif name == "kernel":
             n_f += 1
     return {"quantized_kernels": n_q, "float_kernels": n_f, "modes": sorted(modes)}
+
+
+def mode_name(params) -> Optional[str]:
+    """The quantization of `params` as one name ("int8", "int4", "fp8", several joined by "+"), None if none
+    (or if `params` is None); what the server's /v1/models and /metrics report."""
+    if params is None:
+        return None
+    modes = describe(params)["modes"]
+    return "+".join(modes) if modes else None

@@ -60,6 +60,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def engine_quantization(engine) -> Optional[str]:
+    """What the engine's model weights are quantized to ("int8", "int4", "fp8"), None for unquantized weights."""
+    from ..quantization import mode_name
+    return mode_name(getattr(getattr(engine, "model", None), "params", None))
+
+
 class OpenAIServing:
     """The OpenAI-compatible endpoints around one `AsyncEngine`; `recorder` gets every generation's metrics and
     request-log line."""
@@ -76,6 +82,7 @@ class OpenAIServing:
         self.root_model = getattr(getattr(engine, "config", None), "model", None)
         self.accepted_models = {self.model_name} | ({str(self.root_model)} if self.root_model else set())
         self.created = int(time.time())
+        self.quantization = engine_quantization(engine)
 
     # ------------------------------------------------------------------------------------ shared checks
     async def parse(self, request: Request, cls):
@@ -306,7 +313,8 @@ class OpenAIServing:
     # ------------------------------------------------------------------------------------ models, health
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "yaie_jax",
-                "root": str(self.root_model or self.model_name), "parent": None, "max_model_len": self.max_model_len}
+                "root": str(self.root_model or self.model_name), "parent": None, "max_model_len": self.max_model_len,
+                "quantization": self.quantization}
 
     def list_models(self) -> dict:
         return {"object": "list", "data": [self.model_card()]}
