@@ -32,3 +32,17 @@ def test_unquantized_weights_say_none():
     with live_server(_engine_with_params(params)) as srv:
         assert httpx.get(srv.url + "/v1/models").json()["data"][0]["quantization"] is None
         assert 'quantization="none"} 1.0' in srv.metrics()
+
+
+def test_quantization_settings_layering(tmp_path):
+    import pytest
+    from yaie_jax.server.settings import ConfigError, load_settings
+    s = load_settings(["--quantization", "int4", "--quantization-group-size", "64"], {})
+    assert (s.engine.quantization, s.engine.quantization_group_size) == ("int4", 64)
+    assert load_settings([], {"YAIE_QUANTIZATION": "fp8"}).engine.quantization == "fp8"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  name: x\n  quantization: int8\n")
+    assert load_settings(["--config", str(cfg)], {}).engine.quantization == "int8"
+    assert load_settings([], {}).engine.quantization is None
+    with pytest.raises(ConfigError, match="quantization"):
+        load_settings(["--quantization", "int3"], {})
