@@ -158,3 +158,20 @@ def test_tensor_parallel_shards_scales_with_their_kernels(tiny_dirs):
         assert r["max_abs_diff"] <= 2e-4, (key, r)
         for name, (shape, shard_shape, expect) in r["shards"].items():
             assert shard_shape == expect, (key, name, shape, shard_shape)
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_engine_quantization_argument(tiny_dirs, mode):
+    """LLM(..., quantization=) serves the quantized weights: its params are quantized and its greedy tokens equal
+    the quantized model's full-sequence argmax, recomputed per token."""
+    from yaie_jax import LLM, SamplingParams
+    path = tiny_dirs["llama"]
+    llm = LLM(path, dtype="float32", quantization=mode, max_num_seqs=4, num_gpu_blocks=64, warmup=False)
+    assert describe(llm.engine.model.params)["modes"] == [mode]
+    prompt = [5, 17, 42, 7, 99, 3]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0]
+    model = load_model(path, dtype="float32", quantization=mode)
+    ids = list(prompt)
+    for _ in range(6):
+        ids.append(int(model.logits(np.asarray([ids]))[0, -1].argmax()))
+    assert list(out.outputs[0].token_ids) == ids[len(prompt):]

@@ -151,7 +151,9 @@ class LLMEngine:
                                                      hub_timeout_s=config.hub_timeout_s)
         tokenizer_pool.shutdown(wait=False)
         try:
-            self.model = load_model(source, dtype=config.dtype, hub_timeout_s=config.hub_timeout_s)
+            self.model = load_model(source, dtype=config.dtype, hub_timeout_s=config.hub_timeout_s,
+                                    quantization=config.quantization,
+                                    quantization_group_size=config.quantization_group_size)
         except BaseException:
             tokenizer_future.cancel()
             raise
