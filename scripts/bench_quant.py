@@ -162,7 +162,7 @@ def parse_args(argv=None):
     a.num_gpu_blocks = a.num_gpu_blocks or (a.requests * (a.in_len + a.out_len + 16)) // 16 + 64
     a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     bad = [m for m in a.modes if m not in MODES]
-    if bad:
+    if bad or not a.modes:
         p.error(f"unknown mode(s) {bad} (choose from {', '.join(MODES)})")
     return a
 
@@ -195,22 +195,28 @@ def main(argv=None) -> None:
             gc.collect()
         rows.append(row)
         print(row, flush=True)
-    ref = next((r for r in rows if r["mode"] == "bf16"), None)
-    for r in rows:
-        if ref is not None and "single_ms_per_token" in r:
-            r["single_vs_bf16"] = r["single_ms_per_token"] / ref["single_ms_per_token"]
-            r["w8_vs_bf16"] = r["w8_tok_s"] / ref["w8_tok_s"]
+        path = write_record(args, rows, matmuls)            # after every mode: a run cut short keeps what it did
     print()
     bc.print_table(rows, ["mode", "weight_GB", "single_ms_per_token", "single_vs_bf16", "w8_tok_s", "w8_vs_bf16",
                           "startup_s"])
     if matmuls:
         print()
         bc.print_table(matmuls, ["mode", "shape", "rows", "us", "weight_GBps"])
-    record = {"env": bc.environment(), "config": {k: v for k, v in vars(args).items()},
-              "model": "Llama-3.1-8B shape, random bf16 weights" if not args.tiny else "tiny Llama",
+    print("wrote", path)
+
+
+def write_record(args, rows, matmuls) -> str:
+    """Ratios to the bf16 row (when there is one) added to `rows`; the JSON record written to --out."""
+    ref = next((r for r in rows if r["mode"] == "bf16"), None)
+    for r in rows:
+        if ref is not None and "single_ms_per_token" in r and "single_ms_per_token" in ref:
+            r["single_vs_bf16"] = r["single_ms_per_token"] / ref["single_ms_per_token"]
+            r["w8_vs_bf16"] = r["w8_tok_s"] / ref["w8_tok_s"]
+    record = {"env": bc.environment(), "config": dict(vars(args)),
+              "model": "tiny Llama" if args.tiny else "Llama-3.1-8B shape, random bf16 weights",
               "rows": rows, "matmul": matmuls}
     name = "quant_tiny" if args.tiny else f"quant_llama8b_{record['env'].get('device', 'unknown').replace(' ', '_')}"
-    print("wrote", bc.write_result(args.out, name, record))
+    return bc.write_result(args.out, name, record)
 
 
 if __name__ == "__main__":
