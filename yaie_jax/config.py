@@ -25,6 +25,7 @@ SCHEDULING_POLICIES = ("fcfs", "priority", "fair", "latency")
 PREEMPTION_MODES = ("swap", "recompute")
 ATTENTION_BACKENDS = ("auto", "xla", "pallas")
 DTYPES = ("auto", "bfloat16", "float16", "float32")   # auto: yaie_jax/models/dtype_policy.py
+QUANTIZATIONS = ("int8", "int4", "fp8")        # weight quantization at load (yaie_jax/quantization); None: off
 TP_HEAD_LAYOUTS = ("replicated", "vocab")      # LM head / token embedding under tensor parallelism (parallel.py)
 LOG_COMPILES_LEVELS = (0, 1, 2)                # off, compiles + persistent-cache hits, + cache-key hashes
 _OFF_WORDS = ("", "0", "false", "no", "off")
@@ -95,6 +96,9 @@ class EngineConfig:
     skip_tokenizer_init: bool = False           # no tokenizer: prompts are token ids, outputs token ids (text "")
     dtype: str = "auto"                         # auto: float32 on CPU and for the embedded model, else the
                                                 # checkpoint's 16-bit dtype (models/dtype_policy.py)
+    quantization: Optional[str] = None          # None | "int8" | "int4" (weight-only) | "fp8" (W8A8): projection
+                                                # kernels quantized at load; embeddings, LM head stay (quantization/)
+    quantization_group_size: int = 128          # int4: input rows per scale (must divide every projection's input)
     seed: int = 0
     max_model_len: Optional[int] = None         # default: the model's max positions
     block_size: int = 16
@@ -148,6 +152,11 @@ class EngineConfig:
 
         if self.dtype not in DTYPES:
             bad("dtype", f"must be one of {DTYPES}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            bad("quantization", f"must be None or one of {QUANTIZATIONS}")
+        if not isinstance(self.quantization_group_size, int) or isinstance(self.quantization_group_size, bool) \
+                or self.quantization_group_size < 1:
+            bad("quantization_group_size", "must be a positive integer")
         if not isinstance(self.block_size, int) or self.block_size not in (8, 16, 32, 64, 128):
             bad("block_size", "must be one of 8, 16, 32, 64, 128")
         if self.num_gpu_blocks is not None and (not isinstance(self.num_gpu_blocks, int) or self.num_gpu_blocks < 1):

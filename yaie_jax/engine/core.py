@@ -86,7 +86,9 @@ class LLMEngine:
         self.model_source = source
         tokenizer_future = loading.start_tokenizer(config, source)
         try:
-            self.model = load_model(source, dtype=config.dtype, hub_timeout_s=config.hub_timeout_s)
+            self.model = load_model(source, dtype=config.dtype, hub_timeout_s=config.hub_timeout_s,
+                                    quantization=config.quantization,
+                                    quantization_group_size=config.quantization_group_size)
         except BaseException:
             tokenizer_future.cancel()
             raise

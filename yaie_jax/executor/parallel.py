@@ -44,11 +44,14 @@ from yaie_jax.config import TP_HEAD_LAYOUTS as HEAD_LAYOUTS, env_default
 
 AXIS = "tp"
 
-# (regex on the "/"-joined param path, spec). First match wins; no match = replicated.
+# (regex on the "/"-joined param path, spec). First match wins; no match = replicated. Quantized kernels
+# (yaie_jax/quantization): kernel_q like the kernel; a column split's per-channel scale [out] like its bias; int4's
+# group_scale [in / group, out] like the kernel (a row split gives each shard the groups of its rows); a row
+# split's per-channel scale [out] stays replicated.
 RULES = [
-    (r"(attn_qkv|q_proj|k_proj|v_proj|gate_proj|up_proj|mlp_fc)/kernel$", P(None, AXIS)),
-    (r"(attn_qkv|q_proj|k_proj|v_proj|gate_proj|up_proj|mlp_fc)/bias$", P(AXIS)),
-    (r"(attn_out|o_proj|down_proj|mlp_proj)/kernel$", P(AXIS, None)),
+    (r"(attn_qkv|q_proj|k_proj|v_proj|gate_proj|up_proj|mlp_fc)/(kernel|kernel_q|group_scale)$", P(None, AXIS)),
+    (r"(attn_qkv|q_proj|k_proj|v_proj|gate_proj|up_proj|mlp_fc)/(bias|scale)$", P(AXIS)),
+    (r"(attn_out|o_proj|down_proj|mlp_proj)/(kernel|kernel_q|group_scale)$", P(AXIS, None)),
 ]
 # Added in front of RULES for head_layout "vocab": token embedding [V, D] by row, untied head [D, V] by column.
 VOCAB_RULES = [

@@ -2,7 +2,8 @@
 
 Each computes in the activation dtype except where stated (norms normalise in float32; the LM head accumulates
 in float32). Param names: norms {"scale" [D]} (+ {"bias" [D]} for LayerNorm), dense {"kernel" [in, out]}
-(+ {"bias" [out]}), LM head {"kernel" [D, V]}.
+(+ {"bias" [out]}), or, quantized at load (yaie_jax/quantization), {"kernel_q" [in, out], "scale" [out] |
+"group_scale" [in / group, out]} (+ {"bias"}); LM head {"kernel" [D, V]} (never quantized).
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ..quantization.matmul import QUANT_LEAVES, quantized_matmul
 
 
 class LayerNorm(nn.Module):
@@ -45,14 +48,19 @@ NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}  # DecoderSpec.norm -> modu
 
 
 class Dense(nn.Module):
-    """x @ kernel (+ bias), kernel [in, out], computed in the activation dtype."""
+    """x @ kernel (+ bias), kernel [in, out], computed in the activation dtype; a quantized kernel (params with
+    "kernel_q") goes through quantization.quantized_matmul."""
     features: int
     use_bias: bool = False
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features))
-        y = jnp.dot(x, kernel.astype(x.dtype))
+        if self.has_variable("params", "kernel_q"):
+            leaves = {n: self.get_variable("params", n) for n in QUANT_LEAVES if self.has_variable("params", n)}
+            y = quantized_matmul(x, leaves)
+        else:
+            kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features))
+            y = jnp.dot(x, kernel.astype(x.dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
         return y

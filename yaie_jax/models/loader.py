@@ -1,6 +1,7 @@
 """Turn a model source into a model: a ModelConfig plus params as numpy arrays of the requested dtype.
 
     model = load_model(source, dtype="bfloat16")     # -> e.g. GPT2ForCausalLM (models/base.py contract)
+    model = load_model(source, quantization="int8")  # projection kernels quantized at load (yaie_jax/quantization)
     config = load_model_config(source)               # ModelConfig only, without reading weights
     save_model(model, out_dir, tokenizer=None)       # the fast-path directory (orbax params + config)
 
@@ -54,11 +55,28 @@ def np_dtype(dtype) -> np.dtype:
     return np.dtype(dtype)
 
 
+FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16))
+
+
 def cast_params(params, dtype) -> dict:
-    """The params pytree as numpy arrays of `dtype` (no copy for leaves already of that dtype)."""
+    """The params pytree as numpy arrays, its float leaves cast to `dtype` (no copy for leaves already of that
+    dtype); quantized leaves (int8, int4, float8) are kept as they are."""
     import jax
     dt = np_dtype(dtype)
-    return jax.tree_util.tree_map(lambda a: np.asarray(a).astype(dt, copy=False), params)
+
+    def one(a):
+        a = np.asarray(a)
+        return a.astype(dt, copy=False) if a.dtype in FLOAT_DTYPES else a
+    return jax.tree_util.tree_map(one, params)
+
+
+def quantize_model(model, quantization: Optional[str], group_size: int = 128):
+    """`model` with its projection kernels quantized (`quantization`: None | "int8" | "int4" | "fp8"; int4 groups
+    of `group_size` input rows); None returns it unchanged. See yaie_jax/quantization."""
+    if quantization is None:
+        return model
+    from ..quantization import quantize_params
+    return type(model)(model.config, quantize_params(model.params, quantization, group_size))
 
 
 # ---------------------------------------------------------------------------------------------- hub / paths
@@ -243,11 +261,21 @@ def is_saved_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.exists(os.path.join(path, MARKER))
 
 
-def load_model(source, dtype="bfloat16", hub_timeout_s: Optional[float] = None):
+def load_model(source, dtype="bfloat16", hub_timeout_s: Optional[float] = None,
+               quantization: Optional[str] = None, quantization_group_size: int = 128):
     """Load a model from any supported source (see the module docstring). Returns the family's model object
     (`.config`, `.params` as numpy arrays of `dtype`, and the models/base.py methods). `hub_timeout_s`: see
-    `hub_snapshot`."""
+    `hub_snapshot`. `quantization` (None | "int8" | "int4" | "fp8"): quantize the projection kernels after
+    loading (`quantize_model`; int4 groups of `quantization_group_size` input rows)."""
     np_dtype(dtype)  # reject a bad dtype before any download
+    from ..quantization import MODES
+    if quantization is not None and quantization not in MODES:
+        raise ValueError(f"unknown quantization {quantization!r} (supported: {', '.join(MODES)})")
+    model = _load_unquantized(source, dtype, hub_timeout_s)
+    return quantize_model(model, quantization, quantization_group_size)
+
+
+def _load_unquantized(source, dtype, hub_timeout_s):
     source = str(source)
     if source.endswith(".gguf"):
         path = os.path.expanduser(source)

@@ -32,7 +32,7 @@ from .errors import install_error_handlers
 from .logging import RequestLog, fmt_age
 from .metrics import ServerMetrics
 from .ops_metrics import StatusCountMiddleware, register_ops_metrics
-from .serving import OpenAIServing, device_memory, package_version
+from .serving import OpenAIServing, device_memory, engine_quantization, package_version
 from .streaming import SSEResponse
 from .tracking import RequestRecorder
 
@@ -78,7 +78,8 @@ def create_app(async_engine: AsyncEngine, settings: Optional[ServerSettings] = N
     """
     settings = settings or ServerSettings()
     model_name = async_engine.model_name
-    metrics = ServerMetrics(model_name, stats_fn=async_engine.stats, health_fn=async_engine.health)
+    metrics = ServerMetrics(model_name, stats_fn=async_engine.stats, health_fn=async_engine.health,
+                            quantization=engine_quantization(async_engine.engine))
     reqlog = RequestLog(log_stream, settings.log_requests)
     serving = OpenAIServing(async_engine, settings, RequestRecorder(metrics, reqlog, model_name))
     requests_total = register_ops_metrics(metrics, async_engine, serving.progress)

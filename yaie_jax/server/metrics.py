@@ -36,8 +36,10 @@ TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20
 class _EngineStatsCollector:
     """Turns the engine stats snapshot into metric families at scrape time (no background updater)."""
 
-    def __init__(self, model_name: str, stats_fn: Callable[[], dict], health_fn: Callable[[], dict]):
+    def __init__(self, model_name: str, stats_fn: Callable[[], dict], health_fn: Callable[[], dict],
+                 quantization: Optional[str] = None):
         self.model_name = model_name
+        self.quantization = quantization or "none"
         self.stats_fn = stats_fn
         self.health_fn = health_fn
 
@@ -76,13 +78,17 @@ class _EngineStatsCollector:
         yield self._gauge("yaie:engine_loop_alive", "1 while the engine thread is stepping.",
                           1 if h.get("engine_loop_alive") else 0)
         yield self._gauge("yaie:active_requests", "Requests admitted and not finished.", h.get("active_requests"))
+        info = GaugeMetricFamily("yaie:model_quantization_info", "1, labelled with the weights' quantization "
+                                 "(int8, int4, fp8 or none).", labels=["model_name", "quantization"])
+        info.add_metric([self.model_name, self.quantization], 1.0)
+        yield info
 
 
 class ServerMetrics:
     """All metrics of one app, in their own registry (so tests can build many apps in one process)."""
 
     def __init__(self, model_name: str, stats_fn: Optional[Callable[[], dict]] = None,
-                 health_fn: Optional[Callable[[], dict]] = None):
+                 health_fn: Optional[Callable[[], dict]] = None, quantization: Optional[str] = None):
         self.registry = CollectorRegistry(auto_describe=True)
         self.model_name = model_name
         r, L = self.registry, ["model_name"]
@@ -106,7 +112,7 @@ class ServerMetrics:
                                 L + ["status", "code"], registry=r)
         self._lab = {"model_name": model_name}
         if stats_fn is not None:
-            r.register(_EngineStatsCollector(model_name, stats_fn, health_fn or (lambda: {})))
+            r.register(_EngineStatsCollector(model_name, stats_fn, health_fn or (lambda: {}), quantization))
 
     # -------------------------------------------------------------------------------------------- observers
     def observe_ttft(self, seconds: float) -> None:

@@ -61,6 +61,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def engine_quantization(engine) -> Optional[str]:
+    """What the engine's model weights are quantized to ("int8", "int4", "fp8"), None for unquantized weights."""
+    from ..quantization import mode_name
+    return mode_name(getattr(getattr(engine, "model", None), "params", None))
+
+
 class OpenAIServing:
     """The OpenAI-compatible endpoints around one `AsyncEngine`; `recorder` gets every generation's metrics and
     request-log line."""
@@ -78,6 +84,7 @@ class OpenAIServing:
         self.accepted_models = {self.model_name} | ({str(self.root_model)} if self.root_model else set())
         self.created = int(time.time())
         self.progress = ProgressMonitor(async_engine, settings.stall_timeout_s)
+        self.quantization = engine_quantization(engine)
 
     # ------------------------------------------------------------------------------------ shared checks
     async def parse(self, request: Request, cls):
@@ -345,7 +352,8 @@ class OpenAIServing:
     # ------------------------------------------------------------------------------------ models, health
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "yaie_jax",
-                "root": str(self.root_model or self.model_name), "parent": None, "max_model_len": self.max_model_len}
+                "root": str(self.root_model or self.model_name), "parent": None, "max_model_len": self.max_model_len,
+                "quantization": self.quantization}
 
     def list_models(self) -> dict:
         return {"object": "list", "data": [self.model_card()]}

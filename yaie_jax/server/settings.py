@@ -9,7 +9,8 @@ Layers (a later layer replaces a value set by an earlier one; lists such as api 
 1. defaults       the dataclass defaults of `EngineConfig` and `ServerSettings`
 2. YAML file      `--config PATH` (or `YAIE_CONFIG`). The seed's schema::
 
-                      model:     {name, dtype, tensor_parallel_size, tokenizer, max_model_len, served_model_name}
+                      model:     {name, dtype, quantization, tensor_parallel_size, tokenizer, max_model_len,
+                                  served_model_name}
                       scheduler: {max_batch_size, max_prefill_batch_size, max_decode_batch_size,
                                   max_num_batched_tokens, policy, ...}
                       memory:    {gpu_blocks, cpu_blocks, block_size, gpu_memory_utilization, enable_radix_cache}
@@ -69,7 +70,8 @@ _SECTION_KEYS: Dict[str, Dict[str, Optional[str]]] = {
     "model": {"name": "model", "model": "model", "dtype": "dtype", "tensor_parallel_size": "tensor_parallel_size",
               "tokenizer": "tokenizer", "max_model_len": "max_model_len",
               "served_model_name": "served_model_name", "attention_backend": "attention_backend",
-              "cascade_attention": "cascade_attention"},
+              "cascade_attention": "cascade_attention", "quantization": "quantization",
+              "quantization_group_size": "quantization_group_size"},
     "scheduler": {"max_batch_size": "max_num_seqs", "max_decode_batch_size": "max_num_seqs",
                   "max_prefill_batch_size": None, "max_num_seqs": "max_num_seqs",
                   "max_num_batched_tokens": "max_num_batched_tokens", "policy": "scheduling_policy",
