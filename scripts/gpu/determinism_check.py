@@ -102,7 +102,8 @@ def main() -> None:
     ap.add_argument("--backends", default="pallas,xla", help="in order (a cut-short run keeps the first)")
     ap.add_argument("--off-backends", default="pallas", help="backends also run with deterministic=False")
     ap.add_argument("--num-others", type=int, default=510)
-    ap.add_argument("--small-pool-blocks", type=int, default=1500, help="KV blocks of the small engine")
+    ap.add_argument("--small-pool-blocks", type=int, default=400,
+                    help="KV blocks of the small engine (1500 never preempted on an H200: NOTES §19)")
     ap.add_argument("--model-root", default=os.path.expanduser("~/.cache/yaie_bench"))
     ap.add_argument("--model-dir", default=None, help="another model with GPT-2's vocabulary (e.g. a CPU smoke run)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
