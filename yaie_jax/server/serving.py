@@ -161,17 +161,16 @@ class OpenAIServing:
         return streams
 
     async def answer(self, request: Request, body, call: Call, ep: Endpoint, *, first_choices: List[dict],
-                     choice_of: ChoiceFn, final_choices: Callable[[], List[dict]]) -> Response:
-        """The shared epilogue: stream the answer, or collect it and respond with `final_choices()`."""
+                     choice_of: ChoiceFn, final_choices: Callable[[], List[dict]],
+                     final_extra: Optional[Callable[[], dict]] = None) -> Response:
+        """The shared epilogue: stream the answer, or collect it and respond with `final_choices()` (and the
+        top-level fields of `final_extra()`)."""
         if body.stream:
             return self.stream(call, body, ep, first_choices=first_choices, choice_of=choice_of)
         left = await self.collect(request, call)
         if left is not None:
             return left
-        extra = None
-        if ep is CHAT and body.prompt_logprobs is not None:   # vLLM: chat's prompt logprobs are top-level
-            extra = {"prompt_logprobs": prompt_logprobs_json(self.tokenizer, call.trackers[0].latest.prompt_logprobs)}
-        return self.respond(call, ep, final_choices(), extra)
+        return self.respond(call, ep, final_choices(), final_extra() if final_extra else None)
 
     def stream(self, call: Call, body, ep: Endpoint, *, first_choices: List[dict],
                choice_of: ChoiceFn) -> SSEResponse:
@@ -272,7 +271,9 @@ class OpenAIServing:
                          "finish_reason": None} for j in range(call.n)]
         return await self.answer(request, body, call, CHAT, first_choices=role_choices,
                                  choice_of=partial(self._chat_chunk, bool(body.logprobs), top_n),
-                                 final_choices=partial(self._chat_choices, call, bool(body.logprobs), top_n))
+                                 final_choices=partial(self._chat_choices, call, bool(body.logprobs), top_n),
+                                 final_extra=partial(self._chat_prompt_logprobs, call)
+                                 if body.prompt_logprobs is not None else None)
 
     def _chat_prompt_ids(self, body: ChatCompletionRequest) -> List[List[int]]:
         prompt_text = self.chat_prompt(body.messages, body.add_generation_prompt)
@@ -290,6 +291,10 @@ class OpenAIServing:
             return None
         return {"index": j, "delta": {"content": delta} if delta else {}, "logprobs": lp,
                 "finish_reason": c.finish_reason}
+
+    def _chat_prompt_logprobs(self, call: Call) -> dict:
+        """vLLM puts chat's prompt logprobs at the top level of the response, not in a choice."""
+        return {"prompt_logprobs": prompt_logprobs_json(self.tokenizer, call.trackers[0].latest.prompt_logprobs)}
 
     def _chat_choices(self, call: Call, logprobs: bool, top_n: int) -> List[dict]:
         return [{"index": c.index, "message": {"role": "assistant", "content": c.text},
