@@ -22,12 +22,12 @@ DRAIN_S = 1.5
 MAX_TOKENS = 4000       # far more than a CPU decodes during the drain: every request is still running
 
 
-def start_real_server(model_dir: str):
+def start_real_server(model_dir: str, cache_dir: str):
     port = free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "yaie_jax.serve", model_dir, "--port", str(port),
                              "--log-level", "warning", "--dtype", "float32", "--no-warmup",
-                             "--attention-backend", "xla", "--compile-cache-dir", "none", "--max-num-seqs", "16",
+                             "--attention-backend", "xla", "--compile-cache-dir", cache_dir, "--max-num-seqs", "16",
                              "--num-gpu-blocks", "2048", "--block-size", "16",
                              "--shutdown-timeout-s", str(DRAIN_S)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -48,7 +48,7 @@ def start_real_server(model_dir: str):
 
 def test_sigterm_drain_deadline_ends_every_request_cleanly(tmp_path):
     model = support.make_gpt2_dir(str(tmp_path / "gpt2"), n_positions=4096)
-    proc, url = start_real_server(model)
+    proc, url = start_real_server(model, str(tmp_path / "compile_cache"))
     body = {"prompt": "a b c", "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
     try:
         # compile the prefill and decode programs first, so the streams below are generating at SIGTERM
