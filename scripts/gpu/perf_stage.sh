@@ -22,6 +22,9 @@
 #   bash scripts/gpu/perf_stage.sh S10A # issue 19.6: determinism check (pallas on/off, xla on) (+ GGUF part a)
 #   bash scripts/gpu/perf_stage.sh S10B # issue 19.3: quality suite bf16 and fp32, Mosaic kernels (+ GGUF part b)
 #   bash scripts/gpu/perf_stage.sh S10C # issue 20: old_ref/ (before the restructuring) vs working tree: W4, W1, W2
+#   bash scripts/gpu/perf_stage.sh S11A # issue 20: W4 prefix cache off, old_ref/ vs working tree x3 (+ GGUF part a)
+#   bash scripts/gpu/perf_stage.sh S11B # issue 19.3: quality suite bf16 XLA and fp32 Mosaic (+ GGUF part b)
+#   bash scripts/gpu/perf_stage.sh S11C # issue 19.6: determinism check with a preempting pool (pallas, xla)
 #   bash scripts/gpu/perf_stage.sh TP  # issue 8: GPT-2 large at TP sizes $TP_SIZES (2-4 GPU machine)
 set -x
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -306,6 +309,22 @@ S10C)
       --repeats 3 --out $OUT/$v; done
   for v in old new; do TAIL=3 at $v run w2_$v 70 python3 scripts/bench_latency.py --backend yaie --out $OUT/$v; done
   tar czf $OUT/s10c.tar.gz -C $OUT old new $(cd $OUT && ls *.log) && rm -rf $OUT/old $OUT/new $OUT/*.log
+  ;;
+S11A)
+  mkdir -p /root/gg && cp .gg/part_aa /root/gg/
+  W4S="--workload W4 --backend yaie --warmup-passes 3 --repeats 4 --w4-rows off"
+  at() { if [ $1 = old ]; then (cd old_ref && PYTHONPATH=$PWD "${@:2}"); else "${@:2}"; fi; }
+  i=0; for v in old new new old old new; do i=$((i+1)); mkdir -p $OUT/${v}_$i
+    TAIL=3 at $v run w4_${v}_$i 88 python3 scripts/bench_throughput.py $W4S --out $OUT/${v}_$i; done
+  tar czf $OUT/s11a.tar.gz -C $OUT $(cd $OUT && ls -d old_* new_* *.log) && rm -rf $OUT/old_* $OUT/new_* $OUT/*.log
+  ;;
+S11B)
+  wheels && embedded_gguf || exit 1
+  TAIL=40 run q_bf16_xla 250 python3 scripts/quality_suite.py --dtype bfloat16 --backend xla --out $OUT
+  TAIL=30 run q_f32_pallas 300 python3 scripts/quality_suite.py --dtype float32 --backend pallas --out $OUT
+  ;;
+S11C)
+  TAIL=24 run determinism_check 560 python3 scripts/gpu/determinism_check.py --off-backends '' --out $OUT
   ;;
 TP)
   run tp 560 python3 scripts/bench_tp.py --tp ${TP_SIZES:-1,2} --head ${TP_HEADS:-replicated,vocab} --out $OUT
